@@ -1,0 +1,31 @@
+# The two commands: `make test` and `make demo`. Both install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+EXT := extensions/crsqlite.so
+
+.PHONY: test demo bench extension venv clean
+
+test: extension venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: extension venv
+	$(PY) -m sync.demo
+
+bench: extension venv
+	$(PY) bench/run.py
+
+# build.sh decides itself whether anything changed (it keeps a stamp of its inputs).
+extension:
+	@bash extensions/build.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) extensions/.build $(EXT) extensions/crsqlite.so.stamp
