@@ -1,0 +1,200 @@
+"""The migration runner: numbered `.sql` files are the schema; this module only applies them.
+
+Each file `NNNN_name.sql` runs in one transaction together with its bookkeeping row in
+`__engine_migrations`. Every table a migration creates becomes a CRR, after the CRR rules
+(DESIGN.md §5) are checked here, so a broken table is refused with an error that names the
+table and the column or index instead of cr-sqlite's generic message. Tables whose name
+starts with `__` are local bookkeeping and stay plain tables.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import apsw
+import msgspec
+
+from .errors import SchemaError
+
+__all__ = [
+    "Migration",
+    "discover",
+    "applied_version",
+    "migrate",
+    "check_crr_compatible",
+    "crr_tables",
+    "DEFAULT_MIGRATIONS_DIR",
+]
+
+DEFAULT_MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+_FILE_NAME = re.compile(r"^(\d+)_([A-Za-z0-9_\-]+)\.sql$")
+_TIMESTAMP_COLUMN = re.compile(r"(_at|timestamp)$")
+
+_BOOKKEEPING = """
+CREATE TABLE IF NOT EXISTS __engine_migrations (
+    version    INTEGER PRIMARY KEY,
+    name       TEXT    NOT NULL,
+    applied_at INTEGER NOT NULL
+)"""
+
+
+class Migration(msgspec.Struct, frozen=True):
+    version: int
+    name: str
+    sql: str
+
+
+def discover(directory: str | Path) -> list[Migration]:
+    """The migrations in `directory`, ordered by version.
+
+    Raises:
+        SchemaError: the folder is missing, a `.sql` file is misnamed, or two share a version.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise SchemaError(f"migrations folder {folder} does not exist")
+    found: dict[int, Migration] = {}
+    for path in sorted(folder.glob("*.sql")):
+        match = _FILE_NAME.match(path.name)
+        if not match:
+            raise SchemaError(f"migration file {path.name} is not named NNNN_name.sql")
+        version = int(match.group(1))
+        if version in found:
+            raise SchemaError(f"two migrations have version {version}: {found[version].name} and {path.stem}")
+        found[version] = Migration(version, path.stem, path.read_text())
+    return [found[v] for v in sorted(found)]
+
+
+def applied_version(connection: apsw.Connection) -> int:
+    """The highest migration version recorded in the database (0 for a fresh one)."""
+    exists = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '__engine_migrations'"
+    ).fetchall()
+    if not exists:
+        return 0
+    return connection.execute("SELECT coalesce(max(version), 0) FROM __engine_migrations").fetchall()[0][0]
+
+
+def crr_tables(connection: apsw.Connection) -> list[str]:
+    """Names of the tables that are CRRs, sorted."""
+    rows = connection.execute(
+        "SELECT substr(name, 1, length(name) - 13) FROM sqlite_master "
+        "WHERE type = 'table' AND name LIKE '%\\_\\_crsql\\_clock' ESCAPE '\\' ORDER BY 1"
+    ).fetchall()
+    return [name for (name,) in rows]
+
+
+def migrate(connection: apsw.Connection, migrations: list[Migration], now_ms: int, *, path: str = "") -> int:
+    """Apply the migrations the database lacks; return the schema version reached.
+
+    Each migration takes the write lock (BEGIN IMMEDIATE) and re-reads the applied version
+    inside it, so two processes opening a fresh file at once apply each migration once.
+
+    Raises:
+        SchemaError: the database is newer than `migrations`, or a migration breaks a CRR rule
+            (the migration is rolled back; earlier ones stay applied).
+    """
+    known = migrations[-1].version if migrations else 0
+    current = applied_version(connection)
+    if current > known:
+        raise SchemaError(
+            f"database {path or '(memory)'} is at schema version {current}, newer than this code "
+            f"knows (latest migration {known}); upgrade the engine before opening it"
+        )
+    for migration in migrations:
+        if migration.version <= current:
+            continue
+        current = _apply(connection, migration, now_ms)
+    return current
+
+
+def _apply(connection: apsw.Connection, migration: Migration, now_ms: int) -> int:
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        connection.execute(_BOOKKEEPING)
+        already = applied_version(connection)
+        if already >= migration.version:  # another connection applied it while we waited
+            connection.execute("COMMIT")
+            return already
+        before_tables = set(_user_tables(connection))
+        before_crrs = set(crr_tables(connection))
+        _run_script(connection, migration)
+        new_tables = [t for t in _user_tables(connection) if t not in before_tables]
+        dropped = before_crrs - set(_user_tables(connection))
+        if dropped:
+            raise SchemaError(
+                f"migration {migration.name} drops CRR table {sorted(dropped)[0]}; CRR tables are never dropped",
+                table=sorted(dropped)[0],
+            )
+        for table in new_tables:
+            check_crr_compatible(connection, table)
+            connection.execute("SELECT crsql_as_crr(?)", (table,)).fetchall()
+        connection.execute(
+            "INSERT INTO __engine_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+            (migration.version, migration.name, now_ms),
+        )
+        connection.execute("COMMIT")
+        return migration.version
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
+def _run_script(connection: apsw.Connection, migration: Migration) -> None:
+    try:
+        for _ in connection.execute(migration.sql):
+            pass
+    except apsw.Error as error:
+        raise SchemaError(f"migration {migration.name} failed: {error}") from error
+
+
+def _user_tables(connection: apsw.Connection) -> list[str]:
+    rows = connection.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' "
+        "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_\\_%' ESCAPE '\\' "
+        "AND name NOT LIKE 'crsql\\_%' ESCAPE '\\' AND name NOT LIKE '%\\_\\_crsql\\_%' ESCAPE '\\' "
+        "ORDER BY name"
+    ).fetchall()
+    return [name for (name,) in rows]
+
+
+def check_crr_compatible(connection: apsw.Connection, table: str) -> None:
+    """Check the CRR rules of DESIGN.md §5 for `table` before `crsql_as_crr` sees it.
+
+    Raises:
+        SchemaError: naming the table and the offending column or index.
+    """
+    sql = connection.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+    ).fetchall()[0][0]
+    if re.search(r"\bAUTOINCREMENT\b", sql, re.IGNORECASE):
+        raise SchemaError(f"table {table}: AUTOINCREMENT is not allowed in a CRR", table=table)
+    columns = connection.execute(f'PRAGMA table_info("{table}")').fetchall()
+    pk_columns = [c for c in columns if c[5]]
+    if not pk_columns:
+        raise SchemaError(f"table {table}: a CRR needs an explicit primary key", table=table)
+    for _cid, name, decl_type, notnull, default, pk in columns:
+        if pk and not notnull:
+            raise SchemaError(
+                f"table {table}: primary key column {name} must be NOT NULL", table=table, column=name
+            )
+        if not pk and notnull and default is None:
+            raise SchemaError(
+                f"table {table}: column {name} is NOT NULL without a DEFAULT", table=table, column=name
+            )
+        if _TIMESTAMP_COLUMN.search(name) and decl_type.upper() != "INTEGER":
+            raise SchemaError(
+                f"table {table}: timestamp column {name} must be INTEGER milliseconds, not {decl_type or 'untyped'}",
+                table=table,
+                column=name,
+            )
+    for _seq, index, unique, origin, _partial in connection.execute(f'PRAGMA index_list("{table}")').fetchall():
+        if unique and origin != "pk":
+            raise SchemaError(
+                f"table {table}: unique index {index} is not allowed besides the primary key "
+                f"(use a deterministic id instead)",
+                table=table,
+                index=index,
+            )

@@ -1,0 +1,137 @@
+"""Shared mechanics of the stores: deterministic ids, JSON columns, and mapping rows of one
+table to a `msgspec.Struct`.
+
+Each store describes its table once with `Table(name, Struct, json_columns=...)`; the Struct's
+fields are the table's columns in order, so a `SELECT` of `table.columns` decodes straight into
+it. JSON columns are decoded on read (malformed text raises `CorruptDataError` naming table,
+id and column) and encoded on write with one reused encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from .database import Session
+from .errors import CorruptDataError, NotFoundError
+
+__all__ = ["deterministic_id", "require_text", "encode_json", "Table"]
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
+
+# Marks a JSON column whose '' means "no value yet" (decoded as None), e.g. prepare_result.
+EMPTY_IS_NONE = "empty-is-none"
+
+
+def deterministic_id(*parts: str) -> str:
+    """A 128-bit id derived from the parts, identical on every replica.
+
+    Parts are length-prefixed so ("ab", "c") and ("a", "bc") never collide.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        raw = part.encode()
+        digest.update(len(raw).to_bytes(8, "big"))
+        digest.update(raw)
+    return digest.hexdigest()
+
+
+def require_text(name: str, value: str) -> str:
+    """Reject empty or non-string identifiers with a ValueError naming the argument."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{name} must not be empty")
+    return value
+
+
+def encode_json(value: Any) -> str:
+    """Encode a JSON column value (TypeError for values JSON cannot hold)."""
+    try:
+        return _encoder.encode(value).decode()
+    except (TypeError, msgspec.EncodeError) as error:
+        raise TypeError(f"value is not JSON-serializable: {error}") from error
+
+
+class Table(Generic[T]):
+    """How rows of one table map to one Struct type, plus the few queries every store needs."""
+
+    def __init__(self, name: str, struct: type[T], *, json_columns: dict[str, str | None] | None = None):
+        """`json_columns` maps column name to None (always JSON) or EMPTY_IS_NONE."""
+        self.name = name
+        self.struct = struct
+        self.columns: tuple[str, ...] = struct.__struct_fields__
+        self.select = f"SELECT {', '.join(self.columns)} FROM {name}"
+        json_columns = json_columns or {}
+        self._json = [(self.columns.index(c), c, mode == EMPTY_IS_NONE) for c, mode in json_columns.items()]
+
+    def row(self, values: tuple) -> T:
+        """Build the Struct from one selected row, decoding its JSON columns.
+
+        Raises:
+            CorruptDataError: a JSON column does not decode.
+        """
+        if self._json:
+            values = list(values)
+            for position, column, empty_is_none in self._json:
+                text = values[position]
+                if empty_is_none and text == "":
+                    values[position] = None
+                    continue
+                try:
+                    values[position] = _decoder.decode(text)
+                except (msgspec.DecodeError, TypeError) as error:
+                    raise CorruptDataError(self.name, str(values[0]), column, str(error)) from None
+        return self.struct(*values)
+
+    def rows(self, values: list[tuple]) -> list[T]:
+        return [self.row(v) for v in values]
+
+    def query(self, s: Session, where: str = "", params: Any = (), *, order: str = "", limit: int | None = None) -> list[T]:
+        """Rows matching `where` (SQL with ? placeholders), optionally ordered and limited."""
+        sql = self.select
+        if where:
+            sql += f" WHERE {where}"
+        if order:
+            sql += f" ORDER BY {order}"
+        if limit is not None:
+            if limit < 0:
+                raise ValueError(f"limit must be >= 0, got {limit}")
+            sql += f" LIMIT {int(limit)}"
+        return self.rows(s.execute(sql, params))
+
+    def get(self, s: Session, id: str) -> T | None:
+        found = s.execute(f"{self.select} WHERE id = ?", (id,))
+        return self.row(found[0]) if found else None
+
+    def require(self, s: Session, id: str) -> T:
+        """The row with this id.
+
+        Raises:
+            NotFoundError: there is none.
+        """
+        found = self.get(s, id)
+        if found is None:
+            raise NotFoundError(self.name, id)
+        return found
+
+    def update(self, s: Session, id: str, **fields: Any) -> None:
+        """Set columns of one row (values already encoded).
+
+        Raises:
+            NotFoundError: no row has this id.
+        """
+        assignments = ", ".join(f"{column} = ?" for column in fields)
+        s.execute(f"UPDATE {self.name} SET {assignments} WHERE id = ?", (*fields.values(), id))
+        if s.changes() == 0:
+            raise NotFoundError(self.name, id)
+
+    def delete(self, s: Session, where: str, params: Any = ()) -> int:
+        """Delete matching rows; return how many were deleted."""
+        s.execute(f"DELETE FROM {self.name} WHERE {where}", params)
+        return s.changes()
