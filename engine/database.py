@@ -56,10 +56,12 @@ def connect(path: str, extension: str | os.PathLike | None = None) -> apsw.Conne
     library = extension_path(extension)
     connection = apsw.Connection(str(path))
     try:
+        # The busy timeout comes first: cr-sqlite's init writes its own tables and would fail
+        # at once if another connection were creating the same file.
+        connection.set_busy_timeout(BUSY_TIMEOUT_MS)
         connection.enable_load_extension(True)
         connection.load_extension(library, _ENTRY_POINT)
         connection.enable_load_extension(False)
-        connection.set_busy_timeout(BUSY_TIMEOUT_MS)
         connection.execute("PRAGMA journal_mode = WAL").fetchall()
         connection.execute("PRAGMA synchronous = NORMAL").fetchall()
         connection.execute("SELECT crsql_config_set('merge-equal-values', 1)").fetchall()
