@@ -292,6 +292,11 @@ class Database:
         return HandlerStateStore(self)
 
     @cached_property
+    def ownership(self):
+        from .ownership import OwnershipStore
+        return OwnershipStore(self)
+
+    @cached_property
     def execution(self):
         from .execution import ExecutionModel
         return ExecutionModel(self)

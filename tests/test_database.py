@@ -22,9 +22,11 @@ def insert_topic(tx, id):
 def test_open_reports_site_id_versions_and_path(db, tmp_path):
     assert re.fullmatch(r"[0-9a-f]{32}", db.site_id)
     assert db.db_version == 0
-    assert db.schema_version == 1
+    assert db.schema_version == 2
     assert db.path == str(tmp_path / "db.db")
-    assert db.crr_tables == ["events", "handler_runs", "handler_state", "mutations", "topics"]
+    assert db.crr_tables == [
+        "conflicts", "events", "handler_runs", "handler_state", "mutations", "ownership", "topics",
+    ]
     assert db.connection.execute("PRAGMA journal_mode").fetchall() == [("wal",)]
     assert db.connection.execute("PRAGMA synchronous").fetchall() == [(1,)]  # NORMAL
 
