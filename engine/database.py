@@ -297,6 +297,11 @@ class Database:
         return OwnershipStore(self)
 
     @cached_property
+    def conflicts(self):
+        from .conflicts import ConflictStore
+        return ConflictStore(self)
+
+    @cached_property
     def execution(self):
         from .execution import ExecutionModel
         return ExecutionModel(self)
