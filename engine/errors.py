@@ -58,11 +58,12 @@ class AlreadyExistsError(EngineError):
 
 
 class InvalidTransitionError(EngineError):
-    def __init__(self, table: str, id: str, field: str, from_value: str, to_value: str):
+    def __init__(self, table: str, id: str, field: str, from_value: str, to_value: str, reason: str = ""):
         self.table, self.id, self.field = table, id, field
-        self.from_value, self.to_value = from_value, to_value
+        self.from_value, self.to_value, self.reason = from_value, to_value, reason
         super().__init__(
             f"{table} row {id!r}: {field} cannot go from {from_value!r} to {to_value!r}"
+            + (f" ({reason})" if reason else "")
         )
 
 

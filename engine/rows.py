@@ -15,9 +15,9 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from .database import Session
-from .errors import CorruptDataError, NotFoundError
+from .errors import CorruptDataError, InvalidTransitionError, NotFoundError
 
-__all__ = ["deterministic_id", "require_text", "encode_json", "Table"]
+__all__ = ["deterministic_id", "require_text", "encode_json", "Table", "StateMachine"]
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -135,3 +135,59 @@ class Table(Generic[T]):
         """Delete matching rows; return how many were deleted."""
         s.execute(f"DELETE FROM {self.name} WHERE {where}", params)
         return s.changes()
+
+    def insert(self, s: Session, row: T) -> None:
+        """Insert one row, encoding its JSON columns (a None in an EMPTY_IS_NONE column is '').
+
+        Raises:
+            apsw.ConstraintError: a row with this id exists (callers check first and raise
+                AlreadyExistsError inside the same transaction).
+            TypeError: a JSON column holds a value JSON cannot represent.
+        """
+        values = [getattr(row, column) for column in self.columns]
+        for position, _column, empty_is_none in self._json:
+            value = values[position]
+            values[position] = "" if (empty_is_none and value is None) else encode_json(value)
+        placeholders = ", ".join("?" for _ in self.columns)
+        s.execute(f"INSERT INTO {self.name} ({', '.join(self.columns)}) VALUES ({placeholders})", values)
+
+
+class StateMachine:
+    """The allowed edges of one state column (a run's phase, a mutation's status).
+
+    One place decides what is legal, so the stores, the execution model and the tests
+    (which enumerate `illegal_pairs()`) agree. A same-state "transition" is illegal unless
+    listed as an edge: re-applying a step is a caller bug, and refusing it is what makes
+    racing writers produce exactly one winner.
+    """
+
+    def __init__(self, table: str, field: str, edges: dict[str, tuple[str, ...]]):
+        self.table, self.field = table, field
+        self.edges = {state: frozenset(targets) for state, targets in edges.items()}
+        self.states = frozenset(self.edges).union(*self.edges.values())
+
+    def allows(self, from_state: str, to_state: str) -> bool:
+        return to_state in self.edges.get(from_state, ())
+
+    def check(self, id: str, from_state: str, to_state: str) -> None:
+        """Refuse an edge that is not allowed.
+
+        Raises:
+            InvalidTransitionError: naming table, id, field, from and to.
+        """
+        if not self.allows(from_state, to_state):
+            raise InvalidTransitionError(self.table, id, self.field, from_state, to_state)
+
+    def require_state(self, value: str) -> str:
+        """Reject a value that is not a state of this machine at all.
+
+        Raises:
+            ValueError: naming the field, the value and the valid states.
+        """
+        if value not in self.states:
+            raise ValueError(f"{self.field} {value!r} is not one of {sorted(self.states)}")
+        return value
+
+    def illegal_pairs(self) -> list[tuple[str, str]]:
+        """Every (from, to) pair of states that `check` refuses, sorted."""
+        return [(a, b) for a in sorted(self.states) for b in sorted(self.states) if not self.allows(a, b)]
