@@ -269,7 +269,7 @@ class EventStore:
         """
         tid = topic_id(workflow_id, topic_name)
         id = event_id(tid, message_id)
-        causes = encode_json(_unique(caused_by, "caused_by"))
+        causes = encode_json(_unique(caused_by, "caused_by")) if caused_by else "[]"
         body = encode_json(payload)
         with self.db.transaction(tx) as s:
             now = self.db.clock.now_ms()

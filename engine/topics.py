@@ -14,6 +14,8 @@ Deleting a topic deletes only the topic row; its events belong to the event stor
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import msgspec
 
 from .database import Database, Session
@@ -47,7 +49,14 @@ def topic_id(workflow_id: str, name: str) -> str:
     Raises:
         ValueError: workflow_id or name is empty (or not a string).
     """
-    return deterministic_id(require_text("workflow_id", workflow_id), require_text("name", name))
+    return _topic_id(require_text("workflow_id", workflow_id), require_text("name", name))
+
+
+@lru_cache(maxsize=4096)
+def _topic_id(workflow_id: str, name: str) -> str:
+    # A pure function of its arguments (no existence is cached), so it is safe across
+    # rollbacks and replicas; it saves publish a hash per event.
+    return deterministic_id(workflow_id, name)
 
 
 def insert_topic(
