@@ -139,7 +139,7 @@ def test_eight_threads_reserve_release_churn_counts_every_attempt(db):
     event = db.events.get(event_id(topic_id(WF, "shared"), "s"))
     assert (event.status, event.reserved_by_run_id) == (PENDING, "")
     assert event.attempt_number == 1 + sum(released)
-    assert sum(released) >= 25  # while nobody else holds it, a reserve always wins
+    assert sum(released) >= 1  # how many win depends on the interleaving; the count above must match it
 
 
 def test_four_connections_in_threads_reserving_the_same_events(db, open_db):

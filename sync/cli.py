@@ -1,0 +1,295 @@
+"""`crdt-sync`: the command line for replicas — create, inspect, serve, sync, export, import.
+
+    crdt-sync init app.db
+    crdt-sync status app.db
+    crdt-sync serve app.db --port 8765 --token s3cret          # until Ctrl-C, live
+    crdt-sync sync other.db ws://127.0.0.1:8765 --token s3cret  # one pull+push round
+    crdt-sync export app.db --for 0123...cdef changes.bin
+    crdt-sync import other.db changes.bin
+
+This module is the roof's edge: it is the one place where errors become one line on stderr and
+a non-zero exit code (`EngineError`, `SyncError`, `OSError`, APSW errors). Everything below it
+lets them propagate. The token may also come from `$CRDT_SYNC_TOKEN` (keeps it out of `ps`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import apsw
+
+from engine import Database, EngineError
+
+from .changes import watermarks
+from .errors import SyncError
+from .files import export_changes, import_changes
+from .peer import Peer
+from .websocket import connect, serve, sync_with_url
+
+__all__ = [
+    "main",
+    "build_parser",
+    "write_status",
+    "register_status_section",
+    "CommandError",
+    "EXIT_OK",
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+]
+
+PROG = "crdt-sync"
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+TOKEN_ENV = "CRDT_SYNC_TOKEN"
+
+StatusSection = Callable[[Database], Iterable[str]]
+_status_sections: list[StatusSection] = []
+
+
+def register_status_section(section: StatusSection) -> StatusSection:
+    """Add lines to `crdt-sync status` (e.g. open conflicts, once replicated execution lands).
+
+    `section(db)` returns the lines to print; usable as a decorator.
+    """
+    _status_sections.append(section)
+    return section
+
+
+class CommandError(Exception):
+    """A request the command cannot carry out, explained in one line (e.g. exporting for itself)."""
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; every command carries help text (a test checks that)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Replicate CRDT SQLite databases (cr-sqlite) between peers.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    init = command("init", "Create a replica (or migrate an existing one) and print its site id.", _cmd_init)
+    init.add_argument("db", metavar="DB", help="path of the database file to create")
+
+    status = command("status", "Show a replica's site id, db_version, schema and known peers.", _cmd_status)
+    status.add_argument("db", metavar="DB", help="path of an existing database file")
+
+    serve = command("serve", "Serve a replica over WebSocket until Ctrl-C, pushing changes live.", _cmd_serve)
+    serve.add_argument("db", metavar="DB", help="path of an existing database file")
+    serve.add_argument("--port", type=int, required=True, help="TCP port to listen on (0 picks a free one)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    _add_token(serve)
+    serve.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also keep a live connection to this ws:// server (repeatable; makes a relay)",
+    )
+
+    sync = command("sync", "Run one pull-then-push round with a ws:// server and print the counts.", _cmd_sync)
+    sync.add_argument("db", metavar="DB", help="path of an existing database file")
+    sync.add_argument("url", metavar="URL", help="the server, e.g. ws://127.0.0.1:8765")
+    _add_token(sync)
+    sync.add_argument("--quiet", "-q", action="store_true", help="no per-page progress on stderr")
+
+    export = command("export", "Write the changes a peer lacks to a file (air-gapped transfer).", _cmd_export)
+    export.add_argument("db", metavar="DB", help="path of an existing database file")
+    export.add_argument(
+        "--for", dest="for_site", required=True, metavar="SITE", type=_site_id,
+        help="site id of the receiving peer (32 hex characters; `status` shows it)",
+    )
+    export.add_argument("file", metavar="FILE", help="file to write")
+
+    imp = command("import", "Apply a file written by `export` (all or nothing).", _cmd_import)
+    imp.add_argument("db", metavar="DB", help="path of an existing database file")
+    imp.add_argument("file", metavar="FILE", help="file written by `crdt-sync export`")
+    return parser
+
+
+def _site_id(text: str) -> str:
+    """argparse type: a replica's site id (32 hex characters)."""
+    site = text.strip().lower()
+    if len(site) != 32 or any(c not in "0123456789abcdef" for c in site):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a site id (32 hex characters)")
+    return site
+
+
+def _add_token(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV),
+        help=f"shared secret peers must present (default: ${TOKEN_ENV})",
+    )
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (the console script exits with it).
+
+    Known failures print `crdt-sync: error: <cause>` on stderr and return 1; Ctrl-C returns 130.
+    Anything else is a bug and keeps its traceback.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CommandError, EngineError, SyncError, OSError, apsw.Error) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error as one line: OSErrors as 'reason: path', APSW errors with their class."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    elif isinstance(exc, apsw.Error):
+        text = f"SQLite: {exc}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _open_existing(path: str) -> Database:
+    """Open a replica that must already exist (opening a missing path would create an empty one).
+
+    Raises:
+        FileNotFoundError: no file at `path` (says how to create one).
+    """
+    if path != ":memory:" and not Path(path).is_file():
+        raise FileNotFoundError(2, f"no database (create it with `{PROG} init`)", path)
+    return Database.open(path)
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    parent = Path(args.db).resolve().parent
+    if not parent.is_dir():
+        raise FileNotFoundError(2, "directory does not exist", str(parent))
+    existed = Path(args.db).is_file()
+    with Database.open(args.db) as db:
+        verb = "opened existing" if existed else "created"
+        print(f"{verb} {args.db}: site id {db.site_id}, schema version {db.schema_version}")
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    with _open_existing(args.db) as db:
+        write_status(db, sys.stdout)
+    return EXIT_OK
+
+
+def write_status(db: Database, out: TextIO) -> None:
+    """Print the facts of `db`: identity, clock, schema, CRR tables, peers, extra sections."""
+    print(f"database:       {db.path}", file=out)
+    print(f"site id:        {db.site_id}", file=out)
+    print(f"db_version:     {db.db_version}", file=out)
+    print(f"schema version: {db.schema_version} (fingerprint {db.schema_fingerprint})", file=out)
+    with db.reading() as session:
+        counts = [(t, session.scalar(f'SELECT count(*) FROM "{t}"')) for t in db.crr_tables]
+    print("tables:         " + ", ".join(f"{t} ({n} rows)" for t, n in counts), file=out)
+    peers = watermarks(db) if _has_table(db, "__sync_peers") else []  # never synced: no bookkeeping yet
+    print(f"known peers:    {len(peers)}", file=out)
+    for mark in peers:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mark.updated_at / 1000)) if mark.updated_at else "never"
+        print(
+            f"  {mark.site_id}  received through its db_version {mark.received}, "
+            f"acked through ours {mark.acked}, last sync {when}",
+            file=out,
+        )
+    for section in _status_sections:
+        for line in section(db):
+            print(line, file=out)
+
+
+def _has_table(db: Database, name: str) -> bool:
+    with db.reading() as session:
+        return bool(session.scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)))
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    def progress(pulled: int, pushed: int) -> None:
+        print(f"{PROG}: ... pulled {pulled}, pushed {pushed}", file=sys.stderr, flush=True)
+
+    with _open_existing(args.db) as db:
+        result = sync_with_url(Peer(db), args.url, token=args.token, progress=None if args.quiet else progress)
+        print(f"pulled {result.pulled} changes, pushed {result.pushed} changes ({args.url})")
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    restore = _stop_on_signals(stop)
+    try:
+        with _open_existing(args.db) as db, serve(db, args.host, args.port, token=args.token) as server:
+            clients = [connect(db, url, token=args.token) for url in args.peer]
+            try:
+                print(f"serving {args.db} (site {db.site_id}) on {server.url}; Ctrl-C stops", flush=True)
+                while not stop.wait(3600):
+                    pass
+            finally:
+                for client in clients:
+                    client.close()
+        print(f"{PROG}: stopped", file=sys.stderr)
+    finally:
+        restore()
+    return EXIT_OK
+
+
+def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
+    """Make SIGINT/SIGTERM set `stop` (so `serve` closes cleanly); returns the undo function."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: stop.set())
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    with _open_existing(args.db) as db:
+        if args.for_site == db.site_id:
+            raise CommandError(f"--for {args.for_site} is this replica itself; give the receiving peer's site id")
+        count = export_changes(db, args.file, for_site=args.for_site)
+    print(f"exported {count} changes for {args.for_site} to {args.file}")
+    return EXIT_OK
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    with _open_existing(args.db) as db:
+        if not Path(args.file).is_file():
+            raise FileNotFoundError(2, "no such file", args.file)
+        count = import_changes(db, args.file)
+    print(f"imported {count} changes from {args.file}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The entry point of a replica into sync: `Peer`, its result type and the in-process transport.
+
+    a, b = Peer(db_a), Peer(db_b, token="s3cret")
+    result = a.sync_with(b, token="s3cret")     # pull b's changes into a, then push a's to b
+    result.pulled, result.pushed
+
+`sync_with` takes another `Peer` (in-process: the messages still go through encode and
+decode, exactly as on a network) or a `ws://host:port` URL (the WebSocket transport in
+`sync.websocket`, imported only then).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from engine.database import Database
+
+from .changes import (
+    AfterApply,
+    CrrSchema,
+    Limits,
+    PeerWatermark,
+    add_after_apply,
+    after_apply_hooks,
+    ensure_tables,
+    watermarks,
+)
+from .errors import ProtocolError
+from .session import Role, Session, SyncResult
+
+__all__ = ["Peer", "SyncResult", "run_in_process"]
+
+
+class Peer:
+    """One replica as a sync endpoint.
+
+    `token` is what this peer demands from clients that connect to it (None: no
+    authentication). Creating a Peer creates the `__sync_` bookkeeping tables if needed.
+    """
+
+    def __init__(self, db: Database, token: str | None = None, *, limits: Limits | None = None):
+        self.db = db
+        self.token = token
+        self.limits = limits or Limits()
+        ensure_tables(db)
+        self.schema = CrrSchema.load(db)
+        self.fingerprint = db.schema_fingerprint
+
+    @property
+    def site_id(self) -> str:
+        return self.db.site_id
+
+    def session(
+        self,
+        role: Role | str,
+        *,
+        token: str | None = None,
+        live: bool = False,
+        progress: Callable[[SyncResult], None] | None = None,
+    ) -> Session:
+        """A new protocol session for one connection (see sync.session for the contract)."""
+        return Session(self, Role(role), token=token, live=live, limits=self.limits, progress=progress)
+
+    def sync_with(self, target: "Peer | str", *, token: str | None = None) -> SyncResult:
+        """One round with `target`: pull what it has that we lack, then push what it lacks.
+
+        Raises:
+            AuthError, SchemaMismatchError: the target refused us (as `PeerRefusedError`).
+            ProtocolError, InvalidChangeError: the target sent something we refused.
+            SyncError: any other failure of the round; what was applied stays applied.
+        """
+        if isinstance(target, str):
+            if not target.startswith(("ws://", "wss://")):
+                raise ValueError(f"sync target {target!r} is neither a Peer nor a ws:// URL")
+            from .websocket import sync_with_url
+
+            return sync_with_url(self, target, token=token)
+        if not isinstance(target, Peer):
+            raise TypeError(f"sync target must be a Peer or a ws:// URL, not {type(target).__name__}")
+        if target.db is self.db:
+            raise ValueError("a peer cannot sync with itself")
+        client = self.session(Role.CLIENT, token=token)
+        server = target.session(Role.SERVER)
+        run_in_process(client, server)
+        return client.result
+
+    def after_apply(self, hook: AfterApply) -> Callable[[], None]:
+        """Register `hook(tx, merged)` to run inside every merging transaction of this
+        database (see `sync.changes.add_after_apply`); returns its remover."""
+        return add_after_apply(self.db, hook)
+
+    @property
+    def hooks(self) -> list[AfterApply]:
+        return after_apply_hooks(self.db)
+
+    def watermarks(self) -> list[PeerWatermark]:
+        """What this replica knows of each peer it has synced with (for status displays)."""
+        return watermarks(self.db)
+
+    def __repr__(self) -> str:
+        return f"<Peer site={self.site_id} auth={'yes' if self.token else 'no'}>"
+
+
+def run_in_process(client: Session, server: Session) -> None:
+    """Drive a client and a server session to the end of a round, delivering every message
+    as bytes in order. Closes both sessions.
+
+    Raises:
+        SyncError: the client's error (its own detection or the server's refusal), or a
+            ProtocolError if the round stopped before finishing.
+    """
+    try:
+        queue = deque((server, data) for data in client.start())
+        while queue:
+            target, data = queue.popleft()
+            other = client if target is server else server
+            queue.extend((other, reply) for reply in target.receive(data))
+        client.raise_for_error()
+        if server.error is not None:
+            raise server.error
+        if not client.finished:
+            raise ProtocolError(f"the round stopped in state {client.state.value} before finishing")
+    finally:
+        client.close()
+        server.close()
+

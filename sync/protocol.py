@@ -1,0 +1,188 @@
+"""The wire protocol: frozen, tagged `msgspec.Struct` messages as MessagePack in a versioned envelope.
+
+Every message on the wire (and every frame of an export file) is one encoded `Envelope`:
+
+    [PROTOCOL_VERSION, [tag, field, field, ...]]        (MessagePack arrays: array_like structs)
+
+Messages:
+    Hello(site_id, schema_version, fingerprint, db_version, token, live, watermark)
+        First message of each side: who it is, its schema, its current db_version (for
+        progress). The client's Hello carries the token and whether it wants live mode; the
+        server's Hello carries `watermark`: the *client's* db_version up to which the server
+        already holds the client's changes (where the client's push starts).
+    Pull(since)
+        The client's answer to the server's Hello: send me your changes after your
+        db_version `since` (the watermark the client holds for the server).
+    Changes(since, upto, rows, part, more_parts, caught_up)
+        A page: all changes the receiver lacks with sender db_version in (since, upto], whole
+        db_version groups only. A group too large for one page is sent as parts 0..n of one
+        (since, upto) range, `more_parts` true on all but the last; the receiver stages parts
+        and merges the group in one transaction when the last arrives. `caught_up` marks the
+        page that reaches the sender's db_version at the time it was read.
+    Ack(upto, part, watermark, applied)
+        The receiver applied (or staged) the page (upto, part); `watermark` is now its stored
+        watermark for the sender; `applied` counts the changes that took effect. Acks, not
+        sends, advance what the sender assumes the receiver has.
+    Error(code, message)
+        A refusal. The sender of an Error stops; the receiver raises the matching SyncError.
+
+Schema evolution rule (msgspec's): new fields go last with a default; a field's type never
+changes; an incompatible change bumps PROTOCOL_VERSION, which a peer refuses with a clear
+error before decoding the body.
+
+A row of a page is a 9-element array `[table, pk, cid, val, col_version, db_version,
+site_id, cl, seq]` — exactly the columns of `crsql_changes`. Rows are decoded straight into
+tuples (no per-change object on the hot path) that `executemany` consumes; `Change` is the
+same array as a typed struct, for code that wants names.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+import msgspec
+
+from .errors import MessageTooLargeError, ProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_MESSAGE_BYTES",
+    "SiteHex",
+    "ChangeRow",
+    "Change",
+    "Hello",
+    "Pull",
+    "Changes",
+    "Ack",
+    "Error",
+    "Message",
+    "Envelope",
+    "encode",
+    "decode",
+    "site_bytes",
+    "site_hex",
+]
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+"""Default hard limit for one encoded message; transports must accept at least this much."""
+
+_U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+SiteHex = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
+_SiteBlob = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+_PkBlob = Annotated[bytes, msgspec.Meta(min_length=2)]
+
+ChangeRow = tuple[_Name, _PkBlob, _Name, Any, _U63, _U63, _SiteBlob, _U63, _U63]
+"""One change as it travels: table, pk, cid, val, col_version, db_version, site_id, cl, seq.
+`val` is checked (None/int/float/str/bytes) by sync.changes, msgspec cannot type a union
+holding both str and bytes."""
+
+
+class Change(msgspec.Struct, array_like=True, frozen=True):
+    """One row of `crsql_changes`, named; encodes exactly like a `ChangeRow`."""
+
+    table: str
+    pk: bytes
+    cid: str
+    val: Any
+    col_version: int
+    db_version: int
+    site_id: bytes
+    cl: int
+    seq: int
+
+
+class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
+    site_id: SiteHex
+    schema_version: _U63
+    fingerprint: Annotated[str, msgspec.Meta(max_length=128)]
+    db_version: _U63
+    token: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    live: bool = False
+    watermark: _U63 | None = None
+
+
+class Pull(msgspec.Struct, tag="pull", array_like=True, frozen=True):
+    since: _U63
+
+
+class Changes(msgspec.Struct, tag="changes", array_like=True, frozen=True):
+    since: _U63
+    upto: _U63
+    rows: list[ChangeRow]
+    part: _U63 = 0
+    more_parts: bool = False
+    caught_up: bool = False
+
+
+class Ack(msgspec.Struct, tag="ack", array_like=True, frozen=True):
+    upto: _U63
+    part: _U63
+    watermark: _U63
+    applied: _U63 = 0
+
+
+class Error(msgspec.Struct, tag="error", array_like=True, frozen=True):
+    code: Annotated[str, msgspec.Meta(max_length=64)]
+    message: Annotated[str, msgspec.Meta(max_length=4096)]
+
+
+Message = Union[Hello, Pull, Changes, Ack, Error]
+
+
+class Envelope(msgspec.Struct, array_like=True, frozen=True):
+    v: int
+    body: Message
+
+
+class _Head(msgspec.Struct, array_like=True, frozen=True):
+    """The envelope with its body left undecoded: read the version before trusting the rest."""
+
+    v: int
+    body: msgspec.Raw
+
+
+_encoder = msgspec.msgpack.Encoder()
+_head_decoder = msgspec.msgpack.Decoder(_Head)
+_body_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    """The wire bytes of `message` in the current envelope."""
+    return _encoder.encode(Envelope(PROTOCOL_VERSION, message))
+
+
+def decode(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Parse wire bytes into a message, checking size, envelope version and every field type.
+
+    Raises:
+        MessageTooLargeError: `data` is longer than `max_bytes` (nothing is parsed).
+        ProtocolError: garbage, truncated bytes, an unknown tag, a wrong field type or an
+            unsupported protocol version.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"expected a binary message, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise MessageTooLargeError(len(data), max_bytes)
+    try:
+        head = _head_decoder.decode(data)
+    except msgspec.DecodeError as error:
+        raise ProtocolError(f"malformed message envelope: {error}") from error
+    if head.v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"unsupported protocol version {head.v}; this peer speaks version {PROTOCOL_VERSION}"
+        )
+    try:
+        return _body_decoder.decode(head.body)
+    except msgspec.DecodeError as error:
+        raise ProtocolError(f"malformed message: {error}") from error
+
+
+def site_bytes(site_hex: str) -> bytes:
+    """A 32-hex-character site id as the 16-byte blob cr-sqlite stores."""
+    return bytes.fromhex(site_hex)
+
+
+def site_hex(site: bytes) -> str:
+    return site.hex()

@@ -1,0 +1,379 @@
+"""The sync session: the protocol as a state machine that does no network I/O.
+
+A `Session` is one side of one connection. It reads and writes its own database (pages
+out, merges in) but never touches a socket: a transport feeds it the bytes it received
+and sends the bytes it returns. The in-process transport (sync.peer), the WebSocket
+transport (sync.websocket) and the tests' lossy channel all drive the same machine.
+
+Transport contract
+------------------
+Create:   `session = peer.session(Role.CLIENT, token=..., live=False)` on the connecting side,
+          `session = peer.session(Role.SERVER)` per accepted connection (the server's token
+          comes from `Peer(db, token=...)`).
+Start:    `out = session.start()` — the client gets `[hello]`, the server `[]`.
+Receive:  for every message received (one binary frame = one message):
+              `out = session.receive(data)`
+Send:     send every `bytes` in `out`, in order, before feeding the next message.
+          `receive()` never raises for anything the remote did: bad input produces an
+          Error message in `out` and `session.failed` becomes true.
+Close:    after sending `out`, close the connection when `session.finished` is true
+          (round complete in one-shot mode, or failed). Always call `session.close()` at
+          the end (idempotent; it drops the session's temporary tables and staging rows).
+Outcome:  `session.result` (a `SyncResult`, updated live: pulled/pushed counts, bytes,
+          remote site; `progress=fn` on creation calls fn(result) after every page) and
+          `session.error` (a `SyncError` or None); `session.raise_for_error()` raises it.
+          A refusal sent by the remote (wrong token, schema mismatch, bad page) arrives as
+          an Error message; `receive()` returns [] and `session.error` is the
+          matching `PeerRefusedError` subclass (e.g. both `PeerRefusedError` and `AuthError`).
+          A connection that drops before `finished` is an incomplete round: nothing is lost,
+          watermarks only move with applied pages, the next session resumes.
+
+One round (what goes over the wire):
+    client                                server
+    Hello(site, schema, token, live) ──▶
+                                     ◀──  Hello(site, schema, watermark for the client)   (or Error)
+    Pull(since = watermark for server) ─▶
+                                     ◀──  Changes page 1 .. n (last has caught_up)         pull
+    Ack(upto, part, watermark) per page ─▶
+    Changes page 1 .. m (last caught_up) ─▶                                                push
+                                     ◀──  Ack per page
+    finished (one-shot): the client closes; the server's session is finished as well.
+
+Flow control: at most one page in flight per direction; the next page is read from the
+database only when the previous one is acknowledged, so memory holds O(page) whatever
+the backlog. A page holds whole db_version groups bounded by `Limits` (changes and
+bytes); a larger group goes as parts that the receiver stages and merges at once.
+
+Live mode (`live=True` on the client; the server follows the client's Hello): after the
+initial round both sessions stay open (`session.state is State.LIVE`, `finished` false)
+and push new local commits. The transport tells the session that local commits may
+have happened by calling `out = session.local_changes()` and sends `out` — from a
+`db.on_commit` listener (hand it over to the connection's thread) and/or a cheap poll
+(e.g. every 50-200 ms, which also catches other processes' commits). `local_changes()`
+is cheap when nothing changed (one `crsql_db_version()` read) and returns [] while a page
+is in flight: the acknowledgement of that page sends whatever is pending, so no commit is
+missed. Merges applied by this session are committed too and relay to the other
+connected peers' sessions through the same notification (a change never goes back to
+the site it came from: the page query excludes the receiver's own site id).
+
+Threading: a Session is not thread-safe. Call its methods from one thread (or under one
+lock per session). Many sessions may share one Peer and one Database.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+from enum import Enum
+from typing import TYPE_CHECKING
+
+import apsw
+import msgspec
+
+from engine.errors import EngineError
+
+from .changes import Inbox, Limits, Outbox, record_ack, received_watermark
+from .errors import ApplyError, AuthError, ProtocolError, SchemaMismatchError, SyncError, refusal
+from .protocol import Ack, Changes, Error, Hello, Message, Pull, decode, encode
+
+if TYPE_CHECKING:
+    from .peer import Peer
+
+__all__ = ["Session", "SyncResult", "Role", "State"]
+
+log = logging.getLogger("sync")
+
+
+class Role(str, Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(str, Enum):
+    HANDSHAKE = "handshake"  # waiting for the other side's Hello (client: and the server's pages)
+    SYNCING = "syncing"      # initial round in progress
+    LIVE = "live"            # initial round done, live mode: new commits keep flowing
+    DONE = "done"            # one-shot round complete
+    FAILED = "failed"        # an Error was sent or received; see `error`
+
+
+class SyncResult(msgspec.Struct):
+    """What a session moved. Counts are changes (rows of crsql_changes) in pages that were
+    applied (pulled) or acknowledged by the other side (pushed)."""
+
+    pulled: int = 0
+    pushed: int = 0
+    applied: int = 0  # pulled changes that took effect here (0 for already-known ones)
+    pages_received: int = 0
+    pages_sent: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    remote_site: str = ""
+    remote_db_version: int = 0
+
+
+class Session:
+    """One side of one sync connection; see the module docstring for the transport contract."""
+
+    def __init__(self, peer: "Peer", role: Role, *, token: str | None = None, live: bool = False,
+                 limits: Limits | None = None, progress: Callable[[SyncResult], None] | None = None):
+        self.peer = peer
+        self.db = peer.db
+        self.role = Role(role)
+        self.token = token
+        self.live = live
+        self.limits = limits or peer.limits
+        self.progress = progress
+        self.state = State.HANDSHAKE
+        self.error: SyncError | None = None
+        self.result = SyncResult()
+        self.remote: Hello | None = None
+        self._outbox: Outbox | None = None
+        self._inbox: Inbox | None = None
+        self._push_since: int | None = None  # client: the server's watermark for us
+        self._in_flight: Changes | None = None
+        self._may_send = False
+        self._send_done = False
+        self._recv_done = False
+        self._closed = False
+
+    # -- the transport's calls -------------------------------------------------------
+
+    def start(self) -> list[bytes]:
+        """The messages that open the connection: the client's Hello, nothing for the server."""
+        if self.role is Role.CLIENT:
+            return [self._encode(self._hello(token=self.token, live=self.live))]
+        return []
+
+    def receive(self, data: bytes) -> list[bytes]:
+        """Handle one received message; return the messages to send, in order.
+
+        Never raises for the remote's doing: bad input fails the session with an Error reply.
+        """
+        if self.finished or self._closed:
+            return []
+        try:
+            message = decode(data, max_bytes=self.limits.max_message_bytes)
+            self.result.bytes_received += len(data)
+            return self._dispatch(message)
+        except SyncError as error:
+            return self._fail(error)
+        except apsw.Error as error:
+            return self._fail(ApplyError(f"merging failed on this replica: {error}"), exc=error)
+        except Exception as error:  # a bug must not kill the transport's thread
+            log.exception("sync session %s: unexpected failure", self._name())
+            return self._fail(SyncError(f"internal error: {error!r}"), exc=error)
+
+    def local_changes(self) -> list[bytes]:
+        """Live mode: local commits may have happened; the pages to send now (often [])."""
+        if self.finished or self._closed or not self._sending_allowed():
+            return []
+        try:
+            return self._pump()
+        except SyncError as error:
+            return self._fail(error)
+        except apsw.Error as error:
+            return self._fail(ApplyError(f"reading changes failed on this replica: {error}"), exc=error)
+
+    def close(self) -> None:
+        """Release the session's temporary tables and staged parts. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for part in (self._outbox, self._inbox):
+            if part is not None:
+                try:
+                    part.close()
+                except (apsw.Error, EngineError) as error:  # a closed database: nothing left to release
+                    log.debug("sync session %s: close: %s", self._name(), error)
+
+    @property
+    def finished(self) -> bool:
+        """True when the transport should close the connection (after sending what it has)."""
+        return self.state in (State.DONE, State.FAILED)
+
+    @property
+    def failed(self) -> bool:
+        return self.state is State.FAILED
+
+    @property
+    def caught_up(self) -> bool:
+        """The initial round is complete in both directions."""
+        return self._send_done and self._recv_done
+
+    def raise_for_error(self) -> None:
+        """Raises:
+            SyncError: the session failed (a local detection or a remote refusal)."""
+        if self.error is not None:
+            raise self.error
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    def _dispatch(self, message: Message) -> list[bytes]:
+        if isinstance(message, Error):
+            self.state = State.FAILED
+            self.error = refusal(message.code, message.message, peer=self.result.remote_site)
+            log.warning("sync session %s: refused by peer: %s", self._name(), self.error)
+            return []
+        if self.remote is None:
+            if not isinstance(message, Hello):
+                raise ProtocolError(f"expected hello first, got {type(message).__name__.lower()}")
+            return self._on_hello(message)
+        if isinstance(message, Changes):
+            return self._on_changes(message)
+        if isinstance(message, Ack):
+            return self._on_ack(message)
+        if isinstance(message, Pull) and self.role is Role.SERVER and self._outbox is None:
+            return self._on_pull(message)
+        raise ProtocolError(f"unexpected {type(message).__name__.lower()} message in state {self.state.value}")
+
+    def _on_hello(self, hello: Hello) -> list[bytes]:
+        if self.role is Role.SERVER:
+            self._check_token(hello.token)  # before anything of this database is read
+        self._check_compatible(hello)
+        self.remote = hello
+        self.result.remote_site = hello.site_id
+        self.result.remote_db_version = hello.db_version
+        self._inbox = Inbox(self.db, hello.site_id, self.peer.schema, self.limits)
+        if self.role is Role.SERVER:
+            self.live = hello.live
+            self.state = State.SYNCING
+            reply = self._hello(watermark=received_watermark(self.db, hello.site_id), live=hello.live)
+            return [self._encode(reply)]
+        if hello.watermark is None:
+            raise ProtocolError("the server's hello lacks the watermark it holds for this client")
+        self._push_since = hello.watermark
+        self.state = State.SYNCING
+        return [self._encode(Pull(received_watermark(self.db, hello.site_id)))]
+
+    def _on_pull(self, pull: Pull) -> list[bytes]:
+        self._outbox = Outbox(self.db, self.remote.site_id, pull.since, self.limits, self._inbox.echo)
+        self._may_send = True
+        return self._pump()
+
+    def _on_changes(self, page: Changes) -> list[bytes]:
+        if self.role is Role.CLIENT and self._outbox is None and self._recv_done:
+            raise ProtocolError("changes after the server's stream ended")
+        outcome = self._inbox.apply(page)
+        if outcome.fresh:
+            self.result.pulled += len(page.rows)
+            self.result.applied += outcome.impacted
+            self.result.pages_received += 1
+            self._report()
+        out = [self._encode(Ack(page.upto, page.part, outcome.watermark, outcome.impacted))]
+        if page.caught_up and not page.more_parts and not self._recv_done:
+            self._recv_done = True
+            if self.role is Role.CLIENT:
+                self._outbox = Outbox(self.db, self.remote.site_id, self._push_since, self.limits, self._inbox.echo)
+                self._may_send = True
+                out += self._pump()
+        self._update_state()
+        return out
+
+    def _on_ack(self, ack: Ack) -> list[bytes]:
+        page = self._in_flight
+        if page is None or (ack.upto, ack.part) != (page.upto, page.part):
+            if self._outbox is None or ack.upto > self._outbox.sent_upto:
+                raise ProtocolError(f"ack for page (upto={ack.upto}, part={ack.part}) that was never sent")
+            return []  # a duplicate or late ack of an earlier page
+        if not page.more_parts and ack.watermark < page.upto:
+            raise ProtocolError(
+                f"ack of page upto={page.upto} reports watermark {ack.watermark}: the page was not applied"
+            )
+        self._in_flight = None
+        self.result.pushed += len(page.rows)
+        self._report()
+        self._outbox.acknowledged(ack.watermark)
+        if not page.more_parts:
+            record_ack(self.db, self.remote.site_id, ack.watermark)
+        if page.caught_up and not page.more_parts:
+            self._send_done = True
+        out = self._pump() if self._sending_allowed() else []
+        self._update_state()
+        return out
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _sending_allowed(self) -> bool:
+        return self._may_send and (not self._send_done or self.live)
+
+    def _pump(self) -> list[bytes]:
+        """The next page if none is in flight and there is something to send."""
+        if self._in_flight is not None or self._outbox is None:
+            return []
+        page = self._outbox.next_page(marker=not self._send_done)
+        if page is None:
+            return []
+        data = self._encode(page)
+        if len(data) > self.limits.max_message_bytes:
+            raise ProtocolError(
+                f"a page of {len(page.rows)} changes encodes to {len(data)} bytes, above the "
+                f"{self.limits.max_message_bytes}-byte message limit (a single change too large?)"
+            )
+        self._in_flight = page
+        self.result.pages_sent += 1
+        return [data]
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _hello(self, *, token: str | None = None, live: bool = False, watermark: int | None = None) -> Hello:
+        return Hello(
+            site_id=self.db.site_id,
+            schema_version=self.db.schema_version,
+            fingerprint=self.peer.fingerprint,
+            db_version=self.db.db_version,
+            token=token,
+            live=live,
+            watermark=watermark,
+        )
+
+    def _check_token(self, token: str | None) -> None:
+        expected = self.peer.token
+        if expected is None:
+            return
+        if token is None:
+            raise AuthError("this peer requires a token and none was presented")
+        if not hmac.compare_digest(token.encode(), expected.encode()):
+            raise AuthError("the presented token is wrong")
+
+    def _check_compatible(self, hello: Hello) -> None:
+        if hello.site_id == self.db.site_id:
+            raise ProtocolError(
+                f"the peer has this replica's own site id {hello.site_id} (a copied database file?)"
+            )
+        if hello.fingerprint != self.peer.fingerprint:
+            raise SchemaMismatchError(
+                f"schema mismatch: replica {self.db.site_id} has schema version {self.db.schema_version} "
+                f"(fingerprint {self.peer.fingerprint}), replica {hello.site_id} has schema version "
+                f"{hello.schema_version} (fingerprint {hello.fingerprint}); migrate both to the same version",
+                local_fingerprint=self.peer.fingerprint,
+                remote_fingerprint=hello.fingerprint,
+                local_version=self.db.schema_version,
+                remote_version=hello.schema_version,
+            )
+
+    def _update_state(self) -> None:
+        if self.state is State.SYNCING and self.caught_up:
+            self.state = State.LIVE if self.live else State.DONE
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.result)
+
+    def _encode(self, message: Message) -> bytes:
+        data = encode(message)
+        self.result.bytes_sent += len(data)
+        return data
+
+    def _fail(self, error: SyncError, exc: BaseException | None = None) -> list[bytes]:
+        self.state = State.FAILED
+        self.error = error
+        if exc is not None and error.__cause__ is None:
+            error.__cause__ = exc
+        log.warning("sync session %s: %s (%s); replying with an error", self._name(), error, error.code)
+        return [self._encode(Error(error.code, str(error)[:4000]))]
+
+    def _name(self) -> str:
+        remote = self.result.remote_site[:8] or "?"
+        return f"{self.role.value} {self.db.site_id[:8]}<->{remote}"

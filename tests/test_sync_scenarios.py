@@ -1,0 +1,182 @@
+"""Multi-replica scenarios with exact expected states (in-process transport, real schema)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sync import Peer
+from sync.changes import Limits, watermarks
+from test_sync_support import crr_state, run_round, state, topic, write
+
+
+@pytest.fixture
+def pair(open_db):
+    a, b = open_db("a"), open_db("b")
+    return a, b, Peer(a), Peer(b)
+
+
+def test_insert_update_delete_on_each_side(pair):
+    a, b, pa, pb = pair
+    topic(a, "t1", "from-a")
+    topic(b, "t2", "from-b")
+    first = pa.sync_with(pb)
+    assert (first.pulled, first.pushed) == (3, 3)
+    assert state(a) == state(b) == [("t1", "wf", "from-a", 0), ("t2", "wf", "from-b", 0)]
+
+    write(a, "UPDATE topics SET name = 'renamed-by-a' WHERE id = 't2'")
+    write(b, "DELETE FROM topics WHERE id = 't1'")
+    second = pb.sync_with(pa)
+    assert (second.pulled, second.pushed) == (1, 1)
+    assert state(a) == state(b) == [("t2", "wf", "renamed-by-a", 0)]
+
+
+def test_resync_moves_nothing_and_own_changes_never_echo(pair):
+    a, b, pa, pb = pair
+    topic(a, "t1")
+    topic(b, "t2")
+    pa.sync_with(pb)
+    again = pa.sync_with(pb)
+    assert (again.pulled, again.pushed) == (0, 0)
+    reverse = pb.sync_with(pa)
+    assert (reverse.pulled, reverse.pushed) == (0, 0)
+    with a.reading() as s:  # a holds b's change once and its own with its own site id
+        sites = dict(s.execute("SELECT lower(hex(site_id)), count(*) FROM crsql_changes GROUP BY 1"))
+    assert sites == {a.site_id: 3, b.site_id: 3}
+
+
+def test_concurrent_update_of_one_cell_has_one_winner_everywhere(open_db):
+    a, b, c = open_db("a"), open_db("b"), open_db("c")
+    pa, pb, pc = Peer(a), Peer(b), Peer(c)
+    topic(a, "t1", "base")
+    pa.sync_with(pb)
+    pc.sync_with(pa)
+    write(a, "UPDATE topics SET name = 'zeta' WHERE id = 't1'")
+    write(b, "UPDATE topics SET name = 'alpha' WHERE id = 't1'")
+    write(c, "UPDATE topics SET name = 'mid' WHERE id = 't1'")
+    pb.sync_with(pc)
+    pa.sync_with(pb)
+    pc.sync_with(pa)
+    pb.sync_with(pc)
+    # equal column versions: cr-sqlite breaks the tie by value, the greatest wins
+    assert state(a) == state(b) == state(c) == [("t1", "wf", "zeta", 0)]
+
+
+def test_more_updates_beat_a_greater_value(pair):
+    a, b, pa, pb = pair
+    topic(a, "t1", "base")
+    pa.sync_with(pb)
+    write(a, "UPDATE topics SET name = 'zzz' WHERE id = 't1'")
+    write(b, "UPDATE topics SET name = 'b1' WHERE id = 't1'")
+    write(b, "UPDATE topics SET name = 'b2' WHERE id = 't1'")  # column version 3 > 2
+    pa.sync_with(pb)
+    assert state(a) == state(b) == [("t1", "wf", "b2", 0)]
+
+
+def test_delete_beats_a_concurrent_update(pair):
+    a, b, pa, pb = pair
+    topic(a, "t1", "base")
+    topic(a, "t2", "kept")
+    pa.sync_with(pb)
+    write(a, "DELETE FROM topics WHERE id = 't1'")
+    write(b, "UPDATE topics SET name = 'edited' WHERE id = 't1'")
+    pb.sync_with(pa)
+    assert state(a) == state(b) == [("t2", "wf", "kept", 0)]
+
+
+def test_create_after_delete_resurrects_the_row(pair):
+    a, b, pa, pb = pair
+    topic(a, "t1", "first")
+    pa.sync_with(pb)
+    write(a, "DELETE FROM topics WHERE id = 't1'")
+    pa.sync_with(pb)
+    assert state(b) == []
+    write(b, "INSERT INTO topics (id, name) VALUES ('t1', 'second life')")
+    result = pb.sync_with(pa)
+    assert result.pushed == 4  # the resurrection sentinel plus three columns
+    assert state(a) == state(b) == [("t1", "", "second life", 0)]
+
+
+def test_relay_through_a_middle_peer(open_db):
+    a, b, c = open_db("a"), open_db("b"), open_db("c")
+    pa, pb, pc = Peer(a), Peer(b), Peer(c)
+    topic(a, "from-a")
+    topic(c, "from-c")
+    assert pa.sync_with(pb).pushed == 3
+    via_b = pc.sync_with(pb)
+    assert (via_b.pulled, via_b.pushed) == (3, 3)  # a's change reaches c; nothing echoes back
+    back = pa.sync_with(pb)
+    assert (back.pulled, back.pushed) == (3, 0)  # c's change reaches a
+    assert state(a) == state(b) == state(c) == [("from-a", "wf", "", 0), ("from-c", "wf", "", 0)]
+    assert pc.sync_with(pb).pulled == 0
+
+
+def test_watermarks_are_per_peer_db_versions(pair):
+    a, b, pa, pb = pair
+    topic(a, "t1")
+    topic(a, "t2")
+    topic(b, "t3")
+    pa.sync_with(pb)
+    marks = {m.site_id: m for m in watermarks(a)}
+    assert (marks[b.site_id].received, marks[b.site_id].acked) == (1, a.db_version) == (1, 3)
+    assert {m.site_id: m.received for m in pb.watermarks()} == {a.site_id: 3}
+    # b's version 2 holds only a's own changes (merged): the next round moves a's watermark
+    # over it with an empty page instead of leaving it to be re-read forever
+    assert b.db_version == 2
+    again = pa.sync_with(pb)
+    assert (again.pulled, again.pushed, again.pages_received) == (0, 0, 1)
+    assert {m.site_id: m.received for m in watermarks(a)} == {b.site_id: 2}
+
+
+def test_a_transaction_never_straddles_pages(pair):
+    """Page bound 10 changes: tx1 has 6, tx2 has 9. Stop right after the first page: b has
+    all of tx1 and nothing of tx2; then the round completes."""
+    a, b, _, _ = pair
+    with a.transaction() as tx:
+        for i in range(2):
+            tx.execute("INSERT INTO topics (id, name) VALUES (?, 'tx1')", (f"one-{i}",))
+    with a.transaction() as tx:
+        for i in range(3):
+            tx.execute("INSERT INTO topics (id, name) VALUES (?, 'tx2')", (f"two-{i}",))
+    limits = Limits(page_changes=10)
+    pa, pb = Peer(a, limits=limits), Peer(b, limits=limits)
+    link = run_round(pb, pa, max_deliveries=4)  # hello, hello, pull, first page
+    assert [len(p.rows) for p in link.pages("s2c")] == [6]
+    assert [row[2] for row in state(b)] == ["tx1", "tx1"]
+    assert watermarks(b)[0].received == 1
+
+    link = run_round(pb, pa)
+    assert [len(p.rows) for p in link.pages("s2c")] == [9]
+    assert [row[2] for row in state(b)] == ["tx1", "tx1", "tx2", "tx2", "tx2"]
+
+
+def test_a_split_transaction_arrives_whole_or_not_at_all(pair):
+    """One transaction of 60 changes, pages of 10: it goes as parts; a round cut before the
+    last part leaves none of its rows, the next round brings all of them."""
+    a, b, _, _ = pair
+    with a.transaction() as tx:
+        for i in range(20):
+            tx.execute("INSERT INTO topics (id, name) VALUES (?, 'big')", (f"row-{i:02d}",))
+    limits = Limits(page_changes=10)
+    pa, pb = Peer(a, limits=limits), Peer(b, limits=limits)
+    link = run_round(pb, pa, max_deliveries=3 + 2 * 4)  # handshake, then 4 parts and 3 acks
+    parts = link.pages("s2c")
+    assert [p.part for p in parts] == [0, 1, 2, 3] and all(p.more_parts for p in parts)
+    assert state(b) == []
+    with b.reading() as s:
+        assert s.scalar("SELECT count(*) FROM __sync_staging") == 0  # dropped with the session
+
+    link = run_round(pb, pa)
+    parts = link.pages("s2c")
+    assert sum(len(p.rows) for p in parts) == 60 and parts[-1].more_parts is False
+    assert state(b) == state(a)
+
+
+def test_convergence_of_every_crr_table(open_db):
+    a, b = open_db("a"), open_db("b")
+    write(a, "INSERT INTO events (id, topic_id, payload, attempt_number) VALUES ('e1', 't1', '{\"k\": 1}', 2)")
+    write(b, "INSERT INTO handler_runs (id, handler_name, cost) VALUES ('r1', 'h', 0.25)")
+    write(b, "INSERT INTO handler_state (id, state, wake_at) VALUES ('s1', x'00ff', -5)")
+    write(a, "INSERT INTO mutations (id, params) VALUES ('m1', '')")
+    Peer(a).sync_with(Peer(b))
+    assert crr_state(a) == crr_state(b)
+    assert crr_state(b)["handler_state"][0][3] == b"\x00\xff"  # blob values keep their type
