@@ -12,8 +12,9 @@ test: extension venv
 demo: extension venv
 	$(PY) -m sync.demo
 
+# make bench [BENCH=B1,B3] [BENCH_QUICK=1]: benchmarks vs baselines; not part of `make test`.
 bench: extension venv
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH) $(if $(filter-out 0,$(BENCH_QUICK)),--quick)
 
 # build.sh decides itself whether anything changed (it keeps a stamp of its inputs).
 extension:

@@ -12,6 +12,15 @@ A consumer run::
 
 A producer run: ``commit_producer`` (pending|executing → committed, state saved).
 
+**Ownership.** On several replicas a workflow is run by its owning replica only
+(`db.ownership`, DESIGN.md §7): `start_run`, `prepare_consumer`, `begin_mutation`,
+`commit_consumer`, `commit_producer`, `create_retry_run` and `recover_crashed_runs(workflow)`
+raise `NotOwnerError` on another replica, and claim an unowned workflow on first use. Ending a
+run (`fail_run`) and recording what a started tool call did (`apply_mutation`,
+`fail_mutation`) work everywhere: a fact about the outside world must never be refused.
+Publishing and reading are not restricted. `check_invariants()` lists what is inconsistent
+(engine/invariants.py); the after-merge audit (engine/replication.py) repairs what merges break.
+
 **The mutation boundary.** Until a consumer run begins its mutation nothing outside the
 engine has happened, so ending it (``fail_run``, crash recovery) releases its events for a
 fresh run. From ``mutating`` on, the side effect may have happened: the events stay reserved,
@@ -34,7 +43,7 @@ transaction. Any error inside rolls the whole step back: either all stores moved
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -45,6 +54,9 @@ from .mutations import FINAL_STATUSES as MUTATION_FINAL_STATUSES
 from .mutations import Mutation
 
 __all__ = ["ExecutionModel", "RecoverySummary", "UNSET", "PRE_MUTATION_PHASES", "FAILURE_STATUSES"]
+
+if TYPE_CHECKING:
+    from .invariants import Violation
 
 
 class _Unset:
@@ -114,6 +126,10 @@ class ExecutionModel:
         self.db.handler_runs.set_phase(run.id, "committed", tx=s)
         return self.db.handler_runs.set_status(run.id, "committed", tx=s)
 
+    def _owned(self, s: Session, workflow_id: str) -> None:
+        """Refuse to run another replica's workflow; claim an unowned one (first use)."""
+        self.db.ownership.require_local(workflow_id, tx=s)
+
     def _schedule(self, s: Session, run: HandlerRun, wake_at: int) -> None:
         """Set the handler's wake-up time; a handler without state gets a row whose state is
         JSON null (what it reads as "no state" anyway)."""
@@ -122,6 +138,30 @@ class ExecutionModel:
             store.set(run.workflow_id, run.handler_name, None, updated_by_run_id=run.id, wake_at=wake_at, tx=s)
         else:
             store.set_wake_at(run.workflow_id, run.handler_name, wake_at, tx=s)
+
+    # -- starting ----------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        *,
+        script_run_id: str,
+        workflow_id: str,
+        handler_type: str,
+        handler_name: str,
+        input_state: str = "",
+        tx: Session | None = None,
+    ) -> HandlerRun:
+        """Start a new active run of a workflow this replica owns (claimed if unowned); return it.
+
+        Raises:
+            NotOwnerError: another replica owns the workflow.
+            ValueError: an empty id or name, or an unknown handler type.
+        """
+        with self.db.transaction(tx) as s:
+            self._owned(s, workflow_id)
+            return self.db.handler_runs.create(script_run_id=script_run_id, workflow_id=workflow_id,
+                                               handler_type=handler_type, handler_name=handler_name,
+                                               input_state=input_state, tx=s)
 
     # -- consumer ----------------------------------------------------------------------------
 
@@ -146,10 +186,12 @@ class ExecutionModel:
             ValueError: not a consumer run, or an empty topic name / message id.
             InvalidTransitionError: the run is not active, or not at pending or preparing.
             TypeError: JSON cannot hold `prepare_result`.
+            NotOwnerError: another replica owns the run's workflow.
         """
         with self.db.transaction(tx) as s:
             run = self._run(s, run_id, "consumer")
             self._require_active(run)
+            self._owned(s, run.workflow_id)
             runs = self.db.handler_runs
             if run.phase == "pending":
                 runs.set_phase(run_id, "preparing", tx=s)
@@ -173,10 +215,12 @@ class ExecutionModel:
             InvalidTransitionError: the run is not active (a second commit included), or not at
                 prepared or emitting.
             TypeError: JSON cannot hold `state` (nothing is written).
+            NotOwnerError: another replica owns the run's workflow.
         """
         with self.db.transaction(tx) as s:
             run = self._run(s, run_id, "consumer")
             STATUSES.check(run.id, run.status, "committed")
+            self._owned(s, run.workflow_id)
             if run.phase not in ("prepared", "emitting"):
                 raise InvalidTransitionError("handler_runs", run.id, "phase", run.phase, "committed",
                                              "a consumer commits from prepared or emitting")
@@ -200,10 +244,12 @@ class ExecutionModel:
             InvalidTransitionError: the run is not active (a second commit included) or already
                 at committed.
             TypeError: JSON cannot hold `state`.
+            NotOwnerError: another replica owns the run's workflow.
         """
         with self.db.transaction(tx) as s:
             run = self._run(s, run_id, "producer")
             STATUSES.check(run.id, run.status, "committed")
+            self._owned(s, run.workflow_id)
             if run.phase == "pending":
                 self.db.handler_runs.set_phase(run_id, "executing", tx=s)
             return self._finish(s, run, state, output_state)
@@ -220,10 +266,12 @@ class ExecutionModel:
             ValueError: not a consumer run, or an empty tool namespace/method.
             InvalidTransitionError: the run is not active or not at prepared.
             AlreadyExistsError: the run already has a mutation.
+            NotOwnerError: another replica owns the run's workflow.
         """
         with self.db.transaction(tx) as s:
             run = self._run(s, run_id, "consumer")
             self._require_active(run)
+            self._owned(s, run.workflow_id)
             self.db.handler_runs.set_phase(run_id, "mutating", tx=s)
             return self.db.mutations.create_in_flight(
                 handler_run_id=run_id, workflow_id=run.workflow_id, tx=s, **mutation)
@@ -296,6 +344,11 @@ class ExecutionModel:
                 boundary (its events were released: a fresh run takes them), or its mutation is
                 not resolved yet (applied or failed).
             AlreadyExistsError: the run already has a retry run.
+            NotOwnerError: another replica owns the run's workflow.
+
+        The retry's `prepare_result` is the old one, except that `reserved_event_ids` lists only
+        the events actually handed over (one lost to another replica's run in a conflict stays
+        with that run; see engine/claims.py).
         """
         with self.db.transaction(tx) as s:
             old = self._run(s, failed_run_id)
@@ -306,6 +359,7 @@ class ExecutionModel:
                 raise InvalidTransitionError("handler_runs", old.id, "phase", old.phase, "emitting",
                                              "the run stopped before its mutation; a fresh run takes its events")
             self._check_mutation_resolved(s, old)
+            self._owned(s, old.workflow_id)
             existing = s.one("SELECT id FROM handler_runs WHERE retry_of = ? LIMIT 1", (old.id,))
             if existing is not None:
                 raise AlreadyExistsError("handler_runs", existing[0], f"retry of run {old.id}")
@@ -313,7 +367,9 @@ class ExecutionModel:
             new = runs.create(script_run_id=old.script_run_id, workflow_id=old.workflow_id,
                               handler_type=old.handler_type, handler_name=old.handler_name,
                               input_state=old.input_state, retry_of=old.id, phase="emitting", tx=s)
-            new = runs.update(new.id, prepare_result=old.prepare_result, mutation_outcome=old.mutation_outcome, tx=s)
+            held = {event.id for event in self.db.events.reserved_by(old.id, tx=s)}
+            new = runs.update(new.id, prepare_result=_handed_over(old.prepare_result, held),
+                              mutation_outcome=old.mutation_outcome, tx=s)
             self.db.events.transfer_reservations(old.id, new.id, tx=s)
             return new
 
@@ -328,16 +384,23 @@ class ExecutionModel:
         mutation is unresolved becomes paused:reconciliation (its events stay reserved);
         the others become crashed, releasing their events before the mutation boundary and
         keeping them after it. Call it before any handler runs, for the workflows this
-        replica owns: it cannot tell a live run from a dead one.
+        replica owns: it cannot tell a live run from a dead one. Without a workflow, the
+        workflows other replicas own are left alone (their runs may be alive there).
 
         Raises:
             CorruptDataError: a run or mutation row does not decode.
+            NotOwnerError: `workflow_id` is owned by another replica.
         """
         paused: list[str] = []
         crashed: list[str] = []
         released = kept = 0
         with self.db.transaction(tx) as s:
+            if workflow_id is not None:
+                self._owned(s, workflow_id)
+            others = {o.workflow_id for o in self.db.ownership.list(tx=s) if o.owner not in (None, self.db.site_id)}
             for run in self.db.handler_runs.incomplete(workflow_id, tx=s):
+                if run.workflow_id in others:
+                    continue
                 mutation = self.db.mutations.get_by_run(run.id, tx=s)
                 note = f"recovered after a restart at phase {run.phase}"
                 if mutation is not None and mutation.status not in MUTATION_FINAL_STATUSES:
@@ -351,3 +414,23 @@ class ExecutionModel:
                 else:
                     released += self.db.events.release(run.id, tx=s)
         return RecoverySummary(paused, crashed, released, kept)
+
+    # -- invariants --------------------------------------------------------------------------
+
+    def check_invariants(self, *, tx: Session | None = None) -> list["Violation"]:
+        """What is inconsistent across the stores of this replica, as a list of violations
+        naming rule, table and row id (empty when all is well). See engine/invariants.py.
+
+        Raises:
+            CorruptDataError: never for run JSON (claims are read with SQLite's JSON functions).
+        """
+        from .invariants import check
+
+        return check(self.db, tx=tx)
+
+
+def _handed_over(record: Any, held: set[str]) -> Any:
+    """A prepare_result whose reserved_event_ids keeps (in order) only the ids in `held`."""
+    if not isinstance(record, dict) or not isinstance(record.get("reserved_event_ids"), list):
+        return record
+    return {**record, "reserved_event_ids": [e for e in record["reserved_event_ids"] if e in held]}

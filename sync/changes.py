@@ -51,6 +51,7 @@ __all__ = [
     "ensure_tables",
     "received_watermark",
     "record_ack",
+    "forget_received",
     "store_received",
     "run_after_apply",
     "watermarks",
@@ -62,8 +63,9 @@ CHANGE_COLUMNS = '"table", pk, cid, val, col_version, db_version, site_id, cl, s
 INSERT_CHANGES = f"INSERT INTO crsql_changes ({CHANGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _SELECT_PAGE = (
     f"SELECT {CHANGE_COLUMNS} FROM crsql_changes "
-    "WHERE db_version > ? AND db_version <= ? AND site_id IS NOT ? ORDER BY db_version"
+    "WHERE db_version > ? AND db_version <= ? AND site_id IS NOT ?{echo} ORDER BY db_version"
 )
+_SELECT_GROUP = f"SELECT {CHANGE_COLUMNS} FROM crsql_changes WHERE db_version = ? AND site_id IS NOT ?{{echo}}"
 DELETE_SENTINEL = "-1"  # cid of a row's existence record: delete (even cl) / create or pk-only row (odd cl)
 _VALUE_TYPES = frozenset({type(None), int, float, str, bytes})
 _INT64 = (-(2**63), 2**63 - 1)
@@ -83,7 +85,6 @@ _TABLES = [
         "table"     TEXT, pk BLOB, cid TEXT, val, col_version INTEGER,
         db_version  INTEGER, site_id BLOB, cl INTEGER, seq INTEGER
     )""",
-    "CREATE INDEX IF NOT EXISTS __sync_staging_session ON __sync_staging (session)",
 ]
 
 
@@ -138,6 +139,13 @@ def store_received(tx: Tx, peer: str, watermark: int) -> None:
     )
 
 
+def forget_received(db: Database, peer: str) -> None:
+    """Reset the watermark held for `peer` to 0: it was restored from an older copy and its
+    new db_versions reuse numbers we already passed (the next sync re-reads everything)."""
+    with db.transaction() as tx:
+        tx.execute("UPDATE __sync_peers SET received = 0, updated_at = ? WHERE site_id = ?", (tx.now_ms(), peer))
+
+
 def record_ack(db: Database, peer: str, acked: int) -> None:
     """Remember that `peer` acknowledged our changes up to our db_version `acked` (for status)."""
     with db.transaction() as tx:
@@ -180,13 +188,22 @@ def after_apply_hooks(db: Database) -> list[AfterApply]:
 
 
 def run_after_apply(db: Database, tx: Tx, keys: Iterable[tuple[str, bytes]]) -> None:
+    """Call the database's after-apply hooks with the distinct (table, pk values) of `keys`.
+
+    Raises:
+        ApplyError: a hook raised (the caller's transaction then rolls back).
+    """
     hooks = after_apply_hooks(db)
     if not hooks:
         return
     merged = [(table, unpack_pk(pk)) for table, pk in dict.fromkeys(keys)]
     if merged:
         for hook in list(hooks):
-            hook(tx, merged)
+            try:
+                hook(tx, merged)
+            except Exception as error:
+                name = getattr(hook, "__qualname__", repr(hook))
+                raise ApplyError(f"after-apply hook {name} failed: {error}") from error
 
 
 # -- validation --------------------------------------------------------------------------
@@ -320,11 +337,12 @@ class EchoRanges:
         self.ranges.append([low, high])
         del self.ranges[:-self.LIMIT]
 
-    def exclude(self, sql: str, params: tuple, after: int, own: bytes) -> tuple[str, tuple]:
-        """`sql` with a clause per range above `after` leaving out the peer's own echoes."""
+    def clause(self, after: int, own: bytes) -> tuple[str, tuple]:
+        """A WHERE clause (and its parameters) leaving out the echoes above version `after`."""
+        sql, params = "", ()
         for low, high in self.ranges:
             if high > after:
-                sql = sql.replace(" ORDER BY", " AND NOT (db_version > ? AND db_version <= ? AND site_id IS NOT ?) ORDER BY", 1)
+                sql += " AND NOT (db_version > ? AND db_version <= ? AND site_id IS NOT ?)"
                 params += (low, high, own)
         return sql, params
 
@@ -394,8 +412,8 @@ class Outbox:
                 if marker or self.acked < snap:
                     return self._page([], snap, caught_up=True)
                 return None
-            sql, params = self.echo.exclude(_SELECT_PAGE, (self.scanned, snap, self.receiver), self.scanned, self._own)
-            cursor = s.connection.execute(sql, params)
+            echo, params = self.echo.clause(self.scanned, self._own)
+            cursor = s.connection.execute(_SELECT_PAGE.format(echo=echo), (self.scanned, snap, self.receiver) + params)
             rows, exhausted = _take(cursor, self.limits.page_changes, self.limits.page_bytes)
         if exhausted:
             self.scanned = snap
@@ -424,12 +442,10 @@ class Outbox:
 
     def _start_split(self, version: int) -> Changes:
         name = f"__sync_out_{next(_temp_names)}"
+        echo, params = self.echo.clause(version - 1, self._own)
         with self.db.reading() as s:
-            s.execute(
-                f'CREATE TEMP TABLE "{name}" AS SELECT {CHANGE_COLUMNS} FROM crsql_changes '
-                "WHERE db_version = ? AND site_id IS NOT ?",
-                (version, self.receiver),
-            )
+            s.execute(f'CREATE TEMP TABLE "{name}" AS ' + _SELECT_GROUP.format(echo=echo),
+                      (version, self.receiver) + params)
         self._split = _Split(name, version, since=self.acked)
         return self._next_part()
 
@@ -440,7 +456,9 @@ class Outbox:
                 f'SELECT {CHANGE_COLUMNS} FROM temp."{split.table}" WHERE rowid > ? ORDER BY rowid',
                 (split.offset,),
             )
-            rows, exhausted = _take(cursor, self.limits.page_changes - 1, self.limits.page_bytes)
+            rows, exhausted = _take(cursor, self.limits.page_changes, self.limits.page_bytes)
+        if not exhausted and len(rows) > 1:
+            rows.pop()  # the row past the bound starts the next part
         page = Changes(since=split.since, upto=split.version, rows=rows, part=split.part, more_parts=not exhausted)
         split.offset += len(rows)
         split.part += 1
@@ -477,8 +495,11 @@ class Inbox:
         self.session = uuid.uuid4().hex
         self.echo = EchoRanges()
         self._staging: _Staging | None = None
-        with db.transaction() as tx:  # parts left by a crashed or dropped session: the sender restarts groups
-            tx.execute("DELETE FROM __sync_staging WHERE peer = ?", (sender,))
+        with db.reading() as s:
+            leftover = s.scalar("SELECT 1 FROM __sync_staging WHERE peer = ? LIMIT 1", (sender,))
+        if leftover:  # parts left by a crashed or dropped session: the sender restarts groups
+            with db.transaction() as tx:
+                tx.execute("DELETE FROM __sync_staging WHERE peer = ?", (sender,))
 
     def apply(self, page: Changes) -> ApplyOutcome:
         """Validate and merge one page (or stage one part).
@@ -580,12 +601,14 @@ class Inbox:
 
     def _staged_chunks(self, tx: Tx) -> Iterator[list[tuple]]:
         """The staged rows in arrival order, a page at a time (bounded memory; `INSERT INTO
-        crsql_changes SELECT` would be simpler but measured ~1.6x slower than executemany)."""
+        crsql_changes SELECT` would be simpler but measured ~1.6x slower than executemany).
+        A range scan on the rowid: staging has no index to maintain (it rarely holds more than
+        one session's rows)."""
         last = -1
         while True:
             chunk = tx.execute(
-                f"SELECT id, {CHANGE_COLUMNS} FROM __sync_staging WHERE session = ? AND id > ? ORDER BY id LIMIT ?",
-                (self.session, last, self.limits.page_changes),
+                f"SELECT id, {CHANGE_COLUMNS} FROM __sync_staging WHERE id > ? AND session = ? ORDER BY id LIMIT ?",
+                (last, self.session, self.limits.page_changes),
             )
             if not chunk:
                 return

@@ -64,6 +64,16 @@ def register_status_section(section: StatusSection) -> StatusSection:
     return section
 
 
+def _open_conflicts(db: Database) -> list[str]:
+    """The replica's open conflicts (replicated execution: engine/replication.py)."""
+    from engine.replication import open_conflicts_summary
+
+    return open_conflicts_summary(db)
+
+
+register_status_section(_open_conflicts)
+
+
 class CommandError(Exception):
     """A request the command cannot carry out, explained in one line (e.g. exporting for itself)."""
 

@@ -178,7 +178,7 @@ def _frames(src: BinaryIO, path: str, digest, max_frame: int = Limits().max_mess
             raise CorruptFileError(path, "truncated frame")
         try:
             item = _decoder.decode(data)
-        except msgspec.DecodeError as error:
+        except (msgspec.DecodeError, ValueError) as error:  # bad UTF-8 raises UnicodeDecodeError
             raise CorruptFileError(path, f"undecodable frame: {error}") from error
         if not isinstance(item, FileTrailer):
             digest.update(prefix + data)
@@ -219,7 +219,7 @@ def _verify(db: Database, path: str, schema: CrrSchema) -> tuple[FileHeader, Fil
         raise CorruptFileError(path, "truncated: no trailer")
     if digest.digest() != trailer.sha256:
         raise CorruptFileError(path, "checksum mismatch (the file was modified)")
-    if (trailer.pages, trailer.changes) != (pages, changes) or trailer.upto < upto:
+    if (trailer.pages, trailer.changes, trailer.upto) != (pages, changes, upto):
         raise CorruptFileError(path, "the trailer does not match the pages")
     return header, trailer
 

@@ -167,7 +167,7 @@ def decode(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         raise MessageTooLargeError(len(data), max_bytes)
     try:
         head = _head_decoder.decode(data)
-    except msgspec.DecodeError as error:
+    except (msgspec.DecodeError, ValueError) as error:  # msgspec raises UnicodeDecodeError for bad UTF-8
         raise ProtocolError(f"malformed message envelope: {error}") from error
     if head.v != PROTOCOL_VERSION:
         raise ProtocolError(
@@ -175,7 +175,7 @@ def decode(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         )
     try:
         return _body_decoder.decode(head.body)
-    except msgspec.DecodeError as error:
+    except (msgspec.DecodeError, ValueError) as error:
         raise ProtocolError(f"malformed message: {error}") from error
 
 

@@ -54,7 +54,14 @@ is cheap when nothing changed (one `crsql_db_version()` read) and returns [] whi
 is in flight: the acknowledgement of that page sends whatever is pending, so no commit is
 missed. Merges applied by this session are committed too and relay to the other
 connected peers' sessions through the same notification (a change never goes back to
-the site it came from: the page query excludes the receiver's own site id).
+the site it came from: the page query excludes the receiver's own site id, and rows this
+session merged from the peer are not echoed back). A page may be empty: it only moves
+the peer's watermark over versions that held nothing for it.
+
+Watermarks: each side stores, per peer, the peer's db_version up to which it applied the
+peer's pages, in the same transaction as the merge. If a peer announces a db_version
+below that watermark (it was restored from an older copy), the watermark is reset to 0
+and the peer's changes are read again (idempotent).
 
 Threading: a Session is not thread-safe. Call its methods from one thread (or under one
 lock per session). Many sessions may share one Peer and one Database.
@@ -73,7 +80,7 @@ import msgspec
 
 from engine.errors import EngineError
 
-from .changes import Inbox, Limits, Outbox, record_ack, received_watermark
+from .changes import Inbox, Limits, Outbox, forget_received, record_ack, received_watermark
 from .errors import ApplyError, AuthError, ProtocolError, SchemaMismatchError, SyncError, refusal
 from .protocol import Ack, Changes, Error, Hello, Message, Pull, decode, encode
 
@@ -236,16 +243,28 @@ class Session:
         self.result.remote_site = hello.site_id
         self.result.remote_db_version = hello.db_version
         self._inbox = Inbox(self.db, hello.site_id, self.peer.schema, self.limits)
+        held = self._held_watermark(hello)
         if self.role is Role.SERVER:
             self.live = hello.live
             self.state = State.SYNCING
-            reply = self._hello(watermark=received_watermark(self.db, hello.site_id), live=hello.live)
-            return [self._encode(reply)]
+            return [self._encode(self._hello(watermark=held, live=hello.live))]
         if hello.watermark is None:
             raise ProtocolError("the server's hello lacks the watermark it holds for this client")
         self._push_since = hello.watermark
         self.state = State.SYNCING
-        return [self._encode(Pull(received_watermark(self.db, hello.site_id)))]
+        return [self._encode(Pull(held))]
+
+    def _held_watermark(self, hello: Hello) -> int:
+        """Our watermark for the peer; reset to 0 if it lies beyond the peer's db_version (the
+        peer was restored from an older copy: its new versions reuse numbers we passed)."""
+        held = received_watermark(self.db, hello.site_id)
+        if held > hello.db_version:
+            log.warning("sync session %s: peer is at db_version %d below our watermark %d for it "
+                        "(restored from a copy?); re-reading all its changes", self._name(),
+                        hello.db_version, held)
+            forget_received(self.db, hello.site_id)
+            held = 0
+        return held
 
     def _on_pull(self, pull: Pull) -> list[bytes]:
         self._outbox = Outbox(self.db, self.remote.site_id, pull.since, self.limits, self._inbox.echo)

@@ -22,7 +22,7 @@ def insert_topic(tx, id):
 def test_open_reports_site_id_versions_and_path(db, tmp_path):
     assert re.fullmatch(r"[0-9a-f]{32}", db.site_id)
     assert db.db_version == 0
-    assert db.schema_version == 2
+    assert db.schema_version == 3
     assert db.path == str(tmp_path / "db.db")
     assert db.crr_tables == [
         "conflicts", "events", "handler_runs", "handler_state", "mutations", "ownership", "topics",

@@ -79,9 +79,10 @@ def open_server(a: Database, peer: Peer):
         (raw([1, ["launch", 1]]), "Invalid value 'launch'"),
         (raw([99, ["ack", 1, 0, 1]]), "unsupported protocol version 99"),
         (raw({"v": 1}), "Expected `array`"),
+        (raw([1, ["error", "x", "y"]]).replace(b"\xa1y", b"\xa1\xff"), "utf-8"),
         ("a text frame", "expected a binary message"),
     ],
-    ids=["empty", "garbage", "wrong-type", "unknown-tag", "future-version", "not-an-envelope", "text"],
+    ids=["empty", "garbage", "wrong-type", "unknown-tag", "future-version", "not-an-envelope", "bad-utf8", "text"],
 )
 def test_malformed_messages_get_a_protocol_error(setup, caplog, data, fragment):
     a, b, peer = setup

@@ -180,3 +180,25 @@ def test_convergence_of_every_crr_table(open_db):
     Peer(a).sync_with(Peer(b))
     assert crr_state(a) == crr_state(b)
     assert crr_state(b)["handler_state"][0][3] == b"\x00\xff"  # blob values keep their type
+
+
+def test_a_replica_restored_from_an_older_copy_still_delivers_its_new_writes(open_db, tmp_path):
+    """b holds a watermark for a beyond the restored a's history: a resends from the start,
+    or a's next writes (reusing those db_versions) would never reach b."""
+    a, b = open_db("a"), open_db("b")
+    topic(a, "t1")
+    backup = tmp_path / "a-backup.db"
+    with a.reading() as s:
+        s.execute("VACUUM INTO ?", (str(backup),))
+    topic(a, "t2")
+    topic(a, "t3")
+    Peer(b).sync_with(Peer(a))
+    assert {m.site_id: m.received for m in watermarks(b)} == {a.site_id: 3}
+    a.close()
+    backup.replace(tmp_path / "a.db")
+    restored = open_db("a")
+    assert (restored.site_id, restored.db_version) == (a.site_id, 1)
+    topic(restored, "t4")
+    result = Peer(b).sync_with(Peer(restored))
+    assert result.pulled == 6  # t1 again (known) and t4
+    assert [row[0] for row in state(b)] == ["t1", "t2", "t3", "t4"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from .cluster import START_MS, Cluster, NotQuiescentError
 from .diff import MISSING, ConvergenceError, Difference
-from .network import Delay, Disconnect, Drop, Duplicate, Faults, MessageFault, Reorder, Round, Sent
+from .network import Delay, Disconnect, Drop, Duplicate, Faults, Link, MessageFault, Reorder, Round, Sent
 from .schedules import (
     Advance,
     Heal,
@@ -56,6 +56,7 @@ __all__ = [
     "Delay",
     "Disconnect",
     "Round",
+    "Link",
     "Sent",
     "Step",
     "Op",

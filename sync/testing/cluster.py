@@ -17,8 +17,10 @@ made directly on `cluster.replica(i)` work but are not recorded.
 
 Replicas are opened with `Database.open(..., migrations=schema_dir)`. To keep clusters
 cheap (Hypothesis opens one per example) the migrations run once per process into a
-template file that each replica copies before `Database.open`; the copy then gets its own
-site id.
+template file per site id that each replica copies before `Database.open`, and replicas run
+with `PRAGMA synchronous = OFF`: a test cluster does not survive power loss, and fsyncs
+were most of the cost of opening and closing one. A restart still closes the file and
+reopens it from disk.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ from sync.peer import Peer
 from sync.session import Role
 
 from .diff import ConvergenceError, Difference, first_difference, snapshot, sort_key
-from .network import Disconnect, Faults, MessageFault, Network, Round
+from .network import Disconnect, Faults, Link, MessageFault, Network, Round
 
-__all__ = ["Cluster", "NotQuiescentError", "START_MS", "last_opened", "forget_last_opened"]
+__all__ = ["Cluster", "NotQuiescentError", "START_MS", "SITE_SLOTS", "last_opened", "forget_last_opened"]
 
 START_MS = 1_700_000_000_000
 """Where a cluster's default ManualClock starts (2023-11-14, integer milliseconds)."""
@@ -55,13 +57,17 @@ class NotQuiescentError(AssertionError):
 
 # -- templates: migrate once per schema, copy per replica ------------------------------
 
+SITE_SLOTS = 16
+"""Site ids a cluster draws its replicas' from (more when a cluster has more replicas)."""
+
 _templates: dict[tuple, Path] = {}
 _templates_lock = threading.Lock()
 _template_dir: tempfile.TemporaryDirectory | None = None
 
 
-def _template(folder: Path, extension: str | None, clock: Clock) -> Path:
-    """A migrated, never-written replica file for `folder`, made once per process.
+def _template(folder: Path, extension: str | None, clock: Clock, slot: int) -> Path:
+    """A migrated, never-written replica file for `folder` whose site id is that of `slot`,
+    made once per process (migrating costs far more than copying a file).
 
     The key holds each .sql file's name, size and mtime, so an edited migration makes a
     new template.
@@ -70,17 +76,31 @@ def _template(folder: Path, extension: str | None, clock: Clock) -> Path:
     files = sorted(folder.glob("*.sql"))
     key = (str(folder), extension, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
     with _templates_lock:
+        if _template_dir is None:
+            _template_dir = tempfile.TemporaryDirectory(prefix="sync-templates-")
         if key not in _templates:
-            if _template_dir is None:
-                _template_dir = tempfile.TemporaryDirectory(prefix="sync-templates-")
-            path = Path(_template_dir.name) / f"template-{len(_templates)}.db"
+            path = Path(_template_dir.name) / f"schema-{len(_templates)}.db"
             Database.open(path, clock=clock, migrations=folder, extension=extension).close()
             _templates[key] = path
-        return _templates[key]
+        if key + (slot,) not in _templates:
+            path = _templates[key].with_name(f"{_templates[key].stem}-site-{slot}.db")
+            shutil.copyfile(_templates[key], path)
+            _set_site_id(path, extension, _site_id(slot))
+            _templates[key + (slot,)] = path
+        return _templates[key + (slot,)]
 
 
-def _site_id(seed: int, index: int) -> bytes:
-    return hashlib.sha256(f"sync.testing:{seed}:{index}".encode()).digest()[:16]
+def _set_site_id(path: Path, extension: str | None, site_id: bytes) -> None:
+    """Give a never-written replica file another cr-sqlite site id (read at connection open)."""
+    connection = connect(str(path), extension)
+    try:
+        connection.execute("UPDATE crsql_site_id SET site_id = ? WHERE ordinal = 0", (site_id,)).fetchall()
+    finally:
+        close_connection(connection)
+
+
+def _site_id(slot: int) -> bytes:
+    return hashlib.sha256(f"sync.testing:site:{slot}".encode()).digest()[:16]
 
 
 def _describe_op(op: Any) -> str:
@@ -112,42 +132,53 @@ class Cluster:
         n: how many replicas (indices 0..n-1).
         schema_dir: a folder of NNNN_name.sql migrations; the project's own by default.
         seed: drives the network's random faults and the replicas' site ids.
-        clock: shared by all replicas; a ManualClock at START_MS by default.
+        clock: a Clock shared by all replicas (a ManualClock at START_MS by default), or a
+            sequence of n clocks, one per replica ("each replica its own clock").
         faults: random network faults for every round (none by default); see `set_faults`.
         limits: page bounds of every replica's Peer (sync.changes.Limits).
         directory: where the replica files go; a temp folder removed on close by default.
         extension: the cr-sqlite library (engine.database.extension_path decides by default).
+        setup: `setup(index, db, peer)` runs each time a replica opens, restarts included —
+            e.g. to register after-apply hooks, which live on the Database object.
 
     Raises:
-        ValueError: n < 1, or `directory` already holds replica files.
+        ValueError: n < 1, a clock sequence of another length, or `directory` already holds
+            replica files.
         SchemaError: the migrations are missing or break a CRR rule.
     """
 
     def __init__(self, n: int = 3, *, schema_dir: str | Path | None = None, seed: int = 0,
-                 clock: Clock | None = None, faults: Faults | None = None, limits: Limits | None = None,
-                 directory: str | Path | None = None, extension: str | None = None):
+                 clock: Clock | Sequence[Clock] | None = None, faults: Faults | None = None,
+                 limits: Limits | None = None, directory: str | Path | None = None,
+                 extension: str | None = None, setup: Callable[[int, Database, Peer], Any] | None = None):
         global _last_opened
         if n < 1:
             raise ValueError(f"a cluster needs at least one replica, not {n}")
         self.n = n
         self.seed = seed
         self.schema_dir = Path(schema_dir).resolve() if schema_dir is not None else DEFAULT_MIGRATIONS_DIR
-        self.clock = clock if clock is not None else ManualClock(START_MS)
+        self.clocks: list[Clock] = _clocks(clock, n)
+        self.setup = setup
         self.limits = limits or Limits()
         self.extension = extension
         self.network = Network(random.Random(seed), faults)
         self._own_directory = directory is None
         self.directory = Path(tempfile.mkdtemp(prefix="sync-cluster-") if directory is None else directory)
         self._log: list[str] = []
+        self._indent = ""
         self._dbs: list[Database] = []
         self._peers: list[Peer] = []
         self._clean: dict[tuple[int, int], tuple[int, int]] = {}
         self._closed = False
+        self.last_round: Round | None = None
         _last_opened = self
+        # the seed picks the site ids (their order breaks some cr-sqlite ties), apart from the
+        # network's generator so that either can change without moving the other
+        slots = random.Random(f"sites:{seed}").sample(range(max(SITE_SLOTS, n)), n)
         try:
             for index in range(n):
-                self._dbs.append(self._create(index))
-                self._peers.append(Peer(self._dbs[index], limits=self.limits))
+                self._dbs.append(self._create(index, slots[index]))
+                self._peers.append(self._peer(index))
         except BaseException:
             self.close()
             raise
@@ -157,23 +188,26 @@ class Cluster:
     def _path(self, index: int) -> Path:
         return self.directory / f"r{index}.db"
 
-    def _create(self, index: int) -> Database:
+    def _create(self, index: int, slot: int) -> Database:
         path = self._path(index)
         if path.exists():
             raise ValueError(f"{path} already exists: give each cluster its own directory")
         self.directory.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_template(self.schema_dir, self.extension, self.clock), path)
-        connection = connect(str(path), self.extension)
-        try:
-            connection.execute("UPDATE crsql_site_id SET site_id = ? WHERE ordinal = 0",
-                               (_site_id(self.seed, index),)).fetchall()
-        finally:
-            close_connection(connection)
+        shutil.copyfile(_template(self.schema_dir, self.extension, self.clocks[index], slot), path)
         return self._open(index)
 
     def _open(self, index: int) -> Database:
-        return Database.open(self._path(index), clock=self.clock, extension=self.extension,
-                             migrations=self.schema_dir)
+        db = Database.open(self._path(index), clock=self.clocks[index], extension=self.extension,
+                           migrations=self.schema_dir)
+        with db.reading() as s:
+            s.execute("PRAGMA synchronous = OFF")  # test replicas: no fsync (see the module docstring)
+        return db
+
+    def _peer(self, index: int) -> Peer:
+        peer = Peer(self._dbs[index], limits=self.limits)
+        if self.setup is not None:
+            self.setup(index, self._dbs[index], peer)
+        return peer
 
     # -- reaching the replicas -------------------------------------------------------------
 
@@ -244,17 +278,31 @@ class Cluster:
         return {table: [ts.rows[key] for key in sorted(ts.rows, key=sort_key)]
                 for table, ts in snapshot(self.replica(index), tables).items()}
 
-    def advance(self, ms: int) -> int:
-        """Move the shared ManualClock forward `ms` milliseconds; returns the new time.
+    @property
+    def clock(self) -> Clock:
+        """The clock all replicas share.
 
         Raises:
-            TypeError: the cluster's clock cannot be advanced.
+            TypeError: each replica has its own clock (see `clocks`).
         """
-        if not hasattr(self.clock, "advance"):
-            raise TypeError(f"the cluster's clock {type(self.clock).__name__} has no advance()")
-        now = self.clock.advance(ms)
-        self._record(f"clock +{ms} ms")
-        return now
+        if any(c is not self.clocks[0] for c in self.clocks):
+            raise TypeError("the replicas have clocks of their own: use cluster.clocks[i]")
+        return self.clocks[0]
+
+    def advance(self, ms: int, replica: int | None = None) -> None:
+        """Move the ManualClock of `replica` (every clock by default) forward `ms` milliseconds.
+
+        Raises:
+            TypeError: that clock cannot be advanced.
+        """
+        if replica is not None:
+            self._check(replica)
+        chosen = self.clocks if replica is None else [self.clocks[replica]]
+        for clock in {id(c): c for c in chosen}.values():
+            if not hasattr(clock, "advance"):
+                raise TypeError(f"the clock {type(clock).__name__} has no advance()")
+            clock.advance(ms)
+        self._record(f"clock +{ms} ms" if replica is None else f"clock of r{replica} +{ms} ms")
 
     def restart(self, index: int) -> Database:
         """Close replica `index` and reopen it from its file; returns the new Database.
@@ -264,7 +312,7 @@ class Cluster:
         self._check(index)
         self._dbs[index].close()
         self._dbs[index] = self._open(index)
-        self._peers[index] = Peer(self._dbs[index], limits=self.limits)
+        self._peers[index] = self._peer(index)
         self._record(f"restart r{index}")
         return self._dbs[index]
 
@@ -317,6 +365,7 @@ class Cluster:
                 client.close()
                 server.close()
         self._record(rnd.describe())
+        self.last_round = rnd
         pair = (min(a, b), max(a, b))
         if rnd.ok and rnd.moved == 0:
             self._clean[pair] = self._versions(pair)
@@ -325,6 +374,30 @@ class Cluster:
         if not rnd.ok and not _network_failure(rnd):
             raise rnd.error
         return rnd
+
+    def connect(self, a: int, b: int, *, live: bool = False, faults: Sequence[MessageFault | Disconnect] = (),
+                random_faults: bool = True) -> Link:
+        """A connection, replica `a` the client and `b` the server, that the caller drives:
+        `link.deliver(limit)` a few messages at a time (to act mid-round), or in live mode
+        (`live=True`) `link.notify()` after writes. Close it (or use `with`); its outcome is
+        then recorded in the schedule.
+
+        Raises:
+            TransportError: the partition separates `a` and `b`.
+            ValueError: a == b.
+        """
+        self._check(a, b)
+        if a == b:
+            raise ValueError(f"a replica cannot connect to itself (r{a})")
+        if not self.network.connected(a, b):
+            self._record(f"connect r{a}->r{b}: blocked by the partition")
+            raise self.network.blocked(a, b).error
+        client = self._peers[a].session(Role.CLIENT, live=live)
+        server = self._peers[b].session(Role.SERVER)
+        self._record(f"connect r{a}->r{b}" + (" (live)" if live else ""))
+        link = self.network.link(client, server, (a, b), faults=faults, random_faults=random_faults)
+        link.on_close = lambda done: self._record("closed " + done.outcome().describe())
+        return link.start()
 
     def sync_all(self, *, faults: bool = True, max_rounds: int | None = None) -> list[Round]:
         """Rounds between connected pairs until quiescent: every connected pair has had a
@@ -341,16 +414,23 @@ class Cluster:
         budget = max_rounds if max_rounds is not None else 50 * max(1, len(pairs))
         self._record("sync_all" + ("" if faults else " (perfect network)") + ":")
         rounds: list[Round] = []
+        self._indent = "  "
+        try:
+            self._settle(pairs, rounds, budget, faults)
+        finally:
+            self._indent = ""
+        moved = sum(r.moved for r in rounds)
+        self._record(f"sync_all: quiescent after {len(rounds)} rounds ({moved} changes moved)")
+        return rounds
+
+    def _settle(self, pairs: list[tuple[int, int]], rounds: list[Round], budget: int, faults: bool) -> None:
         while dirty := [p for p in pairs if self._clean.get(p) != self._versions(p)]:
             for a, b in dirty:
                 if len(rounds) >= budget:
                     raise NotQuiescentError(
                         f"sync_all is not quiescent after {len(rounds)} rounds; pairs still out of sync: "
-                        f"{dirty} (seed {self.seed}); last round: {rounds[-1].describe()}")
+                        f"{dirty} (seed {self.seed}); last round: {rounds[-1].describe() if rounds else 'none'}")
                 rounds.append(self.sync(a, b, random_faults=faults))
-        moved = sum(r.moved for r in rounds)
-        self._record(f"sync_all: quiescent after {len(rounds)} rounds ({moved} changes moved)")
-        return rounds
 
     def _versions(self, pair: tuple[int, int]) -> tuple[int, int]:
         return self._dbs[pair[0]].db_version, self._dbs[pair[1]].db_version
@@ -401,7 +481,7 @@ class Cluster:
         return "\n".join(lines)
 
     def _record(self, line: str) -> None:
-        self._log.append(line)
+        self._log.append(self._indent + line)
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -439,6 +519,16 @@ class Cluster:
 
     def __repr__(self) -> str:
         return f"<Cluster n={self.n} seed={self.seed} schema={self.schema_dir.name}/ steps={len(self._log)}>"
+
+
+def _clocks(clock: Clock | Sequence[Clock] | None, n: int) -> list[Clock]:
+    if clock is None:
+        clock = ManualClock(START_MS)
+    if not isinstance(clock, Sequence):
+        return [clock] * n
+    if len(clock) != n:
+        raise ValueError(f"{len(clock)} clocks for {n} replicas")
+    return list(clock)
 
 
 def _execute(db: Database, sql: str, params: Sequence[Any]) -> None:

@@ -10,6 +10,9 @@ transport's idle timeout is counted in ticks too, so a round whose only message 
 was dropped *stalls* and fails as a real transport would after its timeout — nothing
 is retried inside the round. The next round resumes from the stored watermarks.
 
+`Link` is one connection in flight (start, deliver — possibly a few messages at a time —,
+notify in live mode, outcome); `Network.run` drives a link to the end of its round.
+
 Faults come from two places, both reproducible:
 - `Faults(drop=0.1, ...)`: probabilities drawn from the cluster's seeded generator, four
   draws per message whatever happens, so one seed gives one sequence of faults;
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -41,6 +44,7 @@ __all__ = [
     "Disconnect",
     "Sent",
     "Round",
+    "Link",
     "Network",
 ]
 
@@ -130,6 +134,10 @@ class Sent(msgspec.Struct):
         what = f"{self.kind}[{self.rows}]" if self.kind == "changes" else self.kind
         return f"#{self.index} r{self.sender}->r{self.receiver} {what}"
 
+    def __repr__(self) -> str:  # without the bytes
+        fault = f", fault={self.fault!r}" if self.fault else ""
+        return f"Sent({self.describe()!r}, size={self.size}, delivered={self.delivered}{fault})"
+
 
 class Round(msgspec.Struct):
     """The outcome of one round between `client` and `server` (replica indices).
@@ -165,11 +173,7 @@ class Round(msgspec.Struct):
 
     def pages(self, sender: int | None = None) -> list[Changes]:
         """The Changes pages delivered (at least once), in send order; only `sender`'s if given."""
-        return [
-            decode(m.data)
-            for m in self.messages
-            if m.kind == "changes" and m.delivered and (sender is None or m.sender == sender)
-        ]
+        return _pages(self.messages, sender)
 
     def raise_for_error(self) -> None:
         """Raises:
@@ -250,6 +254,12 @@ class Network:
         error = TransportError(f"replicas {client} and {server} are in different partitions: no route")
         return Round(client, server, error=error, blocked=True, faulted=True)
 
+    def link(self, client: Session, server: Session, ends: tuple[int, int], *,
+             faults: Sequence[MessageFault | Disconnect] = (), random_faults: bool = True) -> "Link":
+        """A connection between two sessions over this network (not started yet)."""
+        return Link(client, server, ends, rng=self.rng, faults=faults,
+                    random_faults=self.faults if random_faults else None)
+
     def run(self, client: Session, server: Session, ends: tuple[int, int], *,
             faults: Sequence[MessageFault | Disconnect] = (), random_faults: bool = True) -> Round:
         """Drive one round to its end (or its failure) and return what happened.
@@ -257,18 +267,31 @@ class Network:
         The sessions are not closed here (the caller owns them). Never raises for what the
         sessions or the network did: that is in the returned Round.
         """
-        return _Run(self, client, server, ends, faults, self.faults if random_faults else None).run()
+        link = self.link(client, server, ends, faults=faults, random_faults=random_faults)
+        link.start()
+        link.deliver()
+        return link.outcome()
 
 
-class _Run:
-    """The state of one round in flight: the queue ordered by (arrival tick, order)."""
+class Link:
+    """One connection between a client and a server session through the simulated network.
 
-    def __init__(self, network: Network, client: Session, server: Session, ends: tuple[int, int],
-                 faults: Sequence[MessageFault | Disconnect], random_faults: Faults | None):
-        self.rng = network.rng
+    `deliver()` moves messages until nothing is in flight (or a `limit` of deliveries: a
+    pause, to act on the databases mid-round); in live mode `notify()` is what a transport
+    does on a commit notification. The link breaks (`error`) on an idle timeout or an
+    explicit `Disconnect`; after that nothing moves. `outcome()` summarizes it as a Round.
+    """
+
+    def __init__(self, client: Session, server: Session, ends: tuple[int, int] = (0, 1), *,
+                 rng: random.Random | None = None, faults: Sequence[MessageFault | Disconnect] = (),
+                 random_faults: Faults | None = None, on_close: Callable[["Link"], Any] | None = None):
         self.client, self.server = client, server
+        self.on_close = on_close
         self.ends = ends
-        self.round = Round(ends[0], ends[1])
+        self.rng = rng or random.Random(0)
+        self.messages: list[Sent] = []
+        self.error: TransportError | None = None
+        self.delivered = 0
         self.random = random_faults if random_faults is not None and random_faults.any else None
         self.timeout = random_faults.timeout if random_faults is not None else _DEFAULT_TIMEOUT
         self.explicit: dict[int, list[MessageFault]] = {}
@@ -278,70 +301,124 @@ class _Run:
                 self.cut = fault.after if self.cut is None else min(self.cut, fault.after)
             else:
                 self.explicit.setdefault(fault.at, []).append(fault)
-        self.queue: list[tuple[int, int, int, bool]] = []  # (tick, order, message index, to the server?)
-        self.now = 0
-        self.order = 0
+        self._queue: list[tuple[int, int, int, bool]] = []  # (tick, order, message index, to the server?)
+        self._now = self._last = self._order = 0
+        self._started = False
 
-    def run(self) -> Round:
-        error = self._deliver_all()
-        rnd = self.round
-        client, server = self.client, self.server
-        rnd.pulled, rnd.pushed = client.result.pulled, client.result.pushed
-        rnd.applied = client.result.applied + server.result.applied
-        rnd.ok = client.state is State.DONE and not server.failed
-        if not rnd.ok:
-            rnd.error = client.error or server.error or error or TransportError(
-                f"round stalled in state {client.state.value}: nothing left in flight, the transport timed out")
-        rnd.faulted = rnd.faulted or bool(rnd.faults) or error is not None
-        return rnd
+    # -- driving ---------------------------------------------------------------------------
 
-    def _deliver_all(self) -> TransportError | None:
-        self._send(self.client, self.client.start())
-        last = 0
-        delivered = 0
-        while self.queue:
-            tick, _, index, to_server = heapq.heappop(self.queue)
-            if tick - last > self.timeout:
-                return TransportError(f"timed out: nothing arrived for {tick - last} ticks "
-                                      f"(idle timeout {self.timeout})")
-            if self.cut is not None and delivered >= self.cut:
-                self.round.faulted = True
-                return TransportError(f"connection lost after {self.cut} deliveries")
-            self.now = last = tick
+    def start(self) -> "Link":
+        """Send the client's opening message(s). Idempotent; returns the link."""
+        if not self._started:
+            self._started = True
+            self._send(self.client, self.client.start())
+        return self
+
+    def deliver(self, limit: int | None = None) -> int:
+        """Deliver messages (and send the replies) until nothing is in flight, the link
+        breaks, or `limit` deliveries were made by this call. Returns the deliveries made."""
+        self.start()
+        made = 0
+        while self._queue and self.error is None and (limit is None or made < limit):
+            tick, _, index, to_server = heapq.heappop(self._queue)
+            if tick - self._last > self.timeout:
+                self._break(f"timed out: nothing arrived for {tick - self._last} ticks (idle timeout {self.timeout})")
+                break
+            if self.cut is not None and self.delivered >= self.cut:
+                self._break(f"connection lost after {self.cut} deliveries")
+                break
+            self._now = self._last = tick
             target = self.server if to_server else self.client
             if target.finished:
                 continue  # that end has closed its connection
-            delivered += 1
-            sent = self.round.messages[index]
+            self.delivered += 1
+            made += 1
+            sent = self.messages[index]
             sent.delivered += 1
             self._send(target, target.receive(sent.data))
-        return None
+        return made
+
+    def notify(self) -> int:
+        """Live mode: both sides were told "local commits may have happened"; deliver what
+        that sent (and its consequences). Returns the deliveries made."""
+        self._send(self.client, self.client.local_changes())
+        self._send(self.server, self.server.local_changes())
+        return self.deliver()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queue)
+
+    def close(self) -> None:
+        """Close both sessions (idempotent); then `on_close(link)` runs, once."""
+        self.client.close()
+        self.server.close()
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close(self)
+
+    def __enter__(self) -> "Link":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- what happened ---------------------------------------------------------------------
+
+    def pages(self, sender: int | None = None) -> list[Changes]:
+        """The Changes pages delivered so far (at least once), in send order; only `sender`'s
+        (a replica index) if given."""
+        return _pages(self.messages, sender)
+
+    def outcome(self) -> Round:
+        """The round so far. Not ok while the client's round is unfinished: with nothing in
+        flight that is a stall, which a real transport ends with its timeout."""
+        client, server = self.client, self.server
+        rnd = Round(self.ends[0], self.ends[1], messages=self.messages)
+        rnd.pulled, rnd.pushed = client.result.pulled, client.result.pushed
+        rnd.applied = client.result.applied + server.result.applied
+        rnd.ok = (client.state is State.DONE or (client.live and client.caught_up)) and not (
+            client.failed or server.failed or self.error)
+        if not rnd.ok:
+            rnd.error = client.error or server.error or self.error or TransportError(
+                f"round stalled in state {client.state.value}: nothing left in flight, the transport timed out")
+        rnd.faulted = bool(rnd.faults) or self.error is not None
+        return rnd
+
+    # -- the network's doing -----------------------------------------------------------------
+
+    def _break(self, reason: str) -> None:
+        self.error = TransportError(reason)
+        self._queue.clear()
 
     def _send(self, sender: Session, messages: list[bytes]) -> None:
         to_server = sender is self.client
         a, b = self.ends if to_server else self.ends[::-1]
         for data in messages:
-            index = len(self.round.messages)
+            index = len(self.messages)
             kind, rows = _summary(data)
             sent = Sent(index, a, b, kind, rows, len(data), data=data)
-            self.round.messages.append(sent)
+            self.messages.append(sent)
+            if self.error is not None:
+                sent.fault = "lost (connection broken)"
+                continue
             drop, duplicate, reorder, delay = self._decide(index)
             if drop:
                 sent.fault = "dropped"
                 continue
-            tick = self.now + 1 + delay
-            order = self.order = self.order + 1
-            if reorder and self.queue:
-                tick = min(tick, min(entry[0] for entry in self.queue))
+            tick = self._now + 1 + delay
+            order = self._order = self._order + 1
+            if reorder and self._queue:
+                tick = min(tick, min(entry[0] for entry in self._queue))
                 order = -order
                 sent.fault = "reordered"
             elif delay:
-                sent.fault = f"delayed {delay} ticks"
-            heapq.heappush(self.queue, (tick, order, index, to_server))
+                sent.fault = f"delayed {delay} tick{'s' if delay > 1 else ''}"
+            heapq.heappush(self._queue, (tick, order, index, to_server))
             if duplicate:
                 sent.fault = " and ".join(filter(None, [sent.fault, "duplicated"]))
-                self.order += 1
-                heapq.heappush(self.queue, (tick, self.order, index, to_server))
+                self._order += 1
+                heapq.heappush(self._queue, (tick, self._order, index, to_server))
 
     def _decide(self, index: int) -> tuple[bool, bool, bool, int]:
         """(drop, duplicate, reorder, delay ticks) for message `index`."""
@@ -363,3 +440,8 @@ class _Run:
             elif isinstance(fault, Delay):
                 delay = max(delay, fault.ticks)
         return drop, duplicate, reorder, delay
+
+
+def _pages(messages: list[Sent], sender: int | None) -> list[Changes]:
+    return [decode(m.data) for m in messages
+            if m.kind == "changes" and m.delivered and (sender is None or m.sender == sender)]

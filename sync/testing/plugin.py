@@ -50,6 +50,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Register the marker; check --cluster-seed before any test runs.
+
+    Raises:
+        pytest.UsageError: --cluster-seed is neither an integer nor 'random'.
+    """
+    seed = config.getoption("--cluster-seed", None)
+    if seed is not None and seed != "random":
+        try:
+            int(seed)
+        except ValueError:
+            raise pytest.UsageError(f"--cluster-seed takes an integer or 'random', not {seed!r}") from None
     config.addinivalue_line(
         "markers",
         "cluster(n=3, seed=0, schema_dir=None, faults=None, limits=None): settings of the `cluster` fixture "
@@ -105,8 +116,7 @@ def replicas(cluster: Cluster) -> ReplicaView:
 def _settings(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Cluster keyword arguments from the marker, the ini option and the command line.
 
-    Raises:
-        pytest.UsageError: an unknown marker argument or a bad --cluster-seed.
+    Fails the test (at setup) for an unknown marker argument.
     """
     marker = request.node.get_closest_marker("cluster")
     kwargs: dict[str, Any] = dict(marker.kwargs) if marker else {}
@@ -114,8 +124,8 @@ def _settings(request: pytest.FixtureRequest) -> dict[str, Any]:
         kwargs.setdefault("n", marker.args[0])
     unknown = set(kwargs) - _MARKER_KEYS
     if unknown:
-        raise pytest.UsageError(f"@pytest.mark.cluster got unknown arguments {sorted(unknown)}; "
-                                f"known: {sorted(_MARKER_KEYS)}")
+        pytest.fail(f"@pytest.mark.cluster got unknown arguments {sorted(unknown)}; "
+                    f"known: {sorted(_MARKER_KEYS)}", pytrace=False)
     config = request.config
     kwargs.setdefault("n", config.getoption("--cluster-replicas") or DEFAULT_REPLICAS)
     schema_dir = kwargs.get("schema_dir")
@@ -127,10 +137,7 @@ def _settings(request: pytest.FixtureRequest) -> dict[str, Any]:
     if seed == "random":
         kwargs["seed"] = random.SystemRandom().randrange(2**31)
     elif seed is not None:
-        try:
-            kwargs["seed"] = int(seed)
-        except ValueError:
-            raise pytest.UsageError(f"--cluster-seed takes an integer or 'random', not {seed!r}") from None
+        kwargs["seed"] = int(seed)  # checked in pytest_configure
     return kwargs
 
 

@@ -21,7 +21,7 @@ dataclass with `__call__`), or use `Sql(statement, params)` / the `sql_op(...)` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -121,21 +121,24 @@ class Restart(Step, frozen=True):
 
 
 class Advance(Step, frozen=True):
-    """Move the cluster's clock forward `ms` milliseconds."""
+    """Move the clock of `replica` (every clock if None) forward `ms` milliseconds."""
 
     ms: int
+    replica: int | None = None
 
     def run(self, cluster: "Cluster") -> None:
-        cluster.advance(self.ms)
+        cluster.advance(self.ms, self.replica)
 
 
 def run_schedule(cluster: "Cluster", schedule: Sequence[Step], *,
-                 expected_errors: tuple[type[BaseException], ...] = ()) -> None:
+                 expected_errors: tuple[type[BaseException], ...] = (),
+                 after_step: Callable[["Cluster", Step], Any] | None = None) -> None:
     """Execute the steps in order on `cluster` (each one lands in `cluster.schedule`).
 
     `expected_errors`: exception types an operation may raise as a normal outcome (e.g. the
     NotFoundError of an update on a row another replica deleted); they are recorded and the
-    schedule goes on.
+    schedule goes on. `after_step(cluster, step)` runs after every step: the place for
+    invariants that must hold at all times (`cluster.last_round` is the latest sync round).
 
     Raises:
         ValueError: a step names a replica the cluster does not have (before anything runs).
@@ -150,11 +153,13 @@ def run_schedule(cluster: "Cluster", schedule: Sequence[Step], *,
         try:
             step.run(cluster)
         except expected_errors:
-            continue  # already recorded by cluster.apply
+            pass  # already recorded by cluster.apply
+        if after_step is not None:
+            after_step(cluster, step)
 
 
 def _indices(step: Step) -> list[int]:
-    if isinstance(step, (Op, Restart)):
+    if isinstance(step, (Op, Restart)) or (isinstance(step, Advance) and step.replica is not None):
         return [step.replica]
     if isinstance(step, Sync):
         return [step.a, step.b]
@@ -203,21 +208,23 @@ def schedules(operations: Any, n_replicas: int = 3, *, min_steps: int = 1, max_s
         raise ValueError(f"n_replicas must be >= 1, not {n_replicas}")
     ops = st.one_of(*operations) if isinstance(operations, (list, tuple)) else operations
     replica = st.integers(0, n_replicas - 1)
-    kinds = [st.builds(Op, replica, ops)]
+    # (weight, strategy): operations and syncs are the substance of a schedule
+    kinds = [(3, st.builds(Op, replica, ops))]
     if n_replicas > 1:
-        kinds.append(_syncs(st, n_replicas, faults, max_message))
-    if sync_all and n_replicas > 1:
-        kinds.append(st.just(SyncAll()))
-    if partitions and n_replicas > 1:
-        kinds.append(_partitions(st, n_replicas))
-        kinds.append(st.just(Heal()))
+        kinds.append((2, _syncs(st, n_replicas, faults, max_message)))
+        if sync_all:
+            kinds.append((1, st.just(SyncAll())))
+        if partitions:
+            kinds += [(1, _partitions(st, n_replicas)), (1, st.just(Heal()))]
     if restarts:
-        kinds.append(st.builds(Restart, replica))
+        kinds.append((1, st.builds(Restart, replica)))
     if clock:
-        kinds.append(st.builds(Advance, st.integers(1, 60_000)))
-    # operations and syncs are listed twice: they are the substance of a schedule
-    weighted = [kinds[0], kinds[0]] + ([kinds[1], kinds[1]] if n_replicas > 1 else []) + kinds[1:]
-    return st.lists(st.one_of(*weighted), min_size=min_steps, max_size=max_steps)
+        kinds.append((1, st.builds(Advance, st.integers(1, 60_000), st.one_of(st.none(), replica))))
+    # a weighted choice of kind, then the step: one_of would pick uniformly (and it merges
+    # identical branches, so listing one twice does not weigh it)
+    choices = [strategy for weight, strategy in kinds for _ in range(weight)]
+    step = st.integers(0, len(choices) - 1).flatmap(lambda k: choices[k])
+    return st.lists(step, min_size=min_steps, max_size=max_steps)
 
 
 def _syncs(st: Any, n: int, faults: bool, max_message: int):
