@@ -5,6 +5,10 @@ outside the timer, time only the work, and return a `Sample`. `measure_pair` run
 alternately (ours first on even repetitions, baseline first on odd ones, so warm caches and
 drift favour neither) and keeps every sample; a row reports the medians and their ratio.
 
+Wall-clock time is the figure (what a user waits for). The process's CPU time is recorded
+next to it: on a shared machine other processes stretch wall time at random, while the CPU
+ratio stays put, so a row's notes give the CPU ratio too.
+
 When a trial is asked to `check`, it also returns a digest of the data it produced; the two
 digests must agree, so a figure is never reported for work that did not happen.
 """
@@ -27,6 +31,7 @@ import msgspec
 __all__ = [
     "BenchError",
     "Sample",
+    "Pair",
     "Row",
     "Trial",
     "measure_pair",
@@ -50,10 +55,21 @@ class BenchError(Exception):
 
 
 class Sample(msgspec.Struct, frozen=True):
-    """One timed run: seconds of work, plus (when checked) a digest of the data produced."""
+    """One timed run: wall and CPU seconds of work, plus (when checked) a digest of the data
+    produced."""
 
     seconds: float
+    cpu: float
     digest: str | None = None
+
+
+class Pair(msgspec.Struct):
+    """Every sample of one benchmark: wall and CPU seconds, ours and the baseline's."""
+
+    ours: list[float]
+    baseline: list[float]
+    ours_cpu: list[float]
+    baseline_cpu: list[float]
 
 
 Trial = Callable[[bool], Sample]
@@ -84,37 +100,39 @@ def median(values: Iterable[float]) -> float:
 
 @contextmanager
 def stopwatch() -> Iterator[list[float]]:
-    """`with stopwatch() as elapsed: ...` then `elapsed[0]` holds the seconds taken."""
+    """`with stopwatch() as elapsed: ...` then `elapsed` is [wall seconds, CPU seconds of this
+    process, all threads] — `Sample(*elapsed)`."""
     elapsed: list[float] = []
-    start = time.perf_counter()
+    cpu, start = time.process_time(), time.perf_counter()
     try:
         yield elapsed
     finally:
-        elapsed.append(time.perf_counter() - start)
+        elapsed.extend((time.perf_counter() - start, time.process_time() - cpu))
 
 
-def measure_pair(name: str, ours: Trial, baseline: Trial, reps: int) -> tuple[list[float], list[float]]:
-    """Run both trials `reps` times, alternating which goes first; return their seconds.
+def measure_pair(name: str, ours: Trial, baseline: Trial, reps: int) -> Pair:
+    """Run both trials `reps` times, alternating which goes first; return every sample.
 
     The first repetition is checked: both trials return a digest of what they produced.
 
     Raises:
         BenchError: the two digests differ (ours did not produce what the baseline did).
     """
-    ours_s: list[float] = []
-    base_s: list[float] = []
+    pair = Pair([], [], [], [])
     for rep in range(reps):
         check = rep == 0
-        order = ((ours, ours_s), (baseline, base_s)) if rep % 2 == 0 else ((baseline, base_s), (ours, ours_s))
+        order = (ours, baseline) if rep % 2 == 0 else (baseline, ours)
         digests = {}
-        for trial, into in order:
+        for trial in order:
             sample = trial(check)
-            into.append(sample.seconds)
-            digests[trial is ours] = sample.digest
+            mine = trial is ours
+            (pair.ours if mine else pair.baseline).append(sample.seconds)
+            (pair.ours_cpu if mine else pair.baseline_cpu).append(sample.cpu)
+            digests[mine] = sample.digest
         if check and digests[True] != digests[False]:
             raise BenchError(f"{name}: ours and the baseline produced different data "
                              f"(digest {digests[True]} vs {digests[False]})")
-    return ours_s, base_s
+    return pair
 
 
 def measure_one(trial: Trial, reps: int) -> list[float]:
@@ -122,16 +140,23 @@ def measure_one(trial: Trial, reps: int) -> list[float]:
     return [trial(rep == 0).seconds for rep in range(reps)]
 
 
-def ratio_row(id: str, what: str, ours_s: list[float], base_s: list[float], *, limit: float | None,
-              unit: str = "s", scale: float = 1.0, notes: str = "", extra: dict | None = None) -> Row:
-    """A row of medians; `limit` is the target ratio (None: report only)."""
-    ours_m, base_m = median(ours_s) * scale, median(base_s) * scale
+def ratio_row(id: str, what: str, pair: Pair, *, limit: float | None, unit: str = "s", scale: float = 1.0,
+              notes: str = "", extra: dict | None = None) -> Row:
+    """A row of medians (times `scale`, in `unit`); `limit` is the target ratio (None: report
+    only). The CPU-time ratio goes into the notes and `extra`."""
+    ours_m, base_m = median(pair.ours) * scale, median(pair.baseline) * scale
     ratio = ours_m / base_m if base_m else None
     met = None if limit is None or ratio is None else ratio <= limit
+    base_cpu = median(pair.baseline_cpu)
+    cpu_ratio = median(pair.ours_cpu) / base_cpu if base_cpu else None
+    cpu_note = "" if cpu_ratio is None else f"CPU-time ratio {cpu_ratio:.2f}"
     return Row(id=id, what=what, unit=unit, ours=ours_m, baseline=base_m, ratio=ratio,
                target="report only" if limit is None else f"ratio <= {limit:g}", met=met,
-               reps=len(ours_s), samples_ours=[v * scale for v in ours_s],
-               samples_baseline=[v * scale for v in base_s], notes=notes, extra=extra or {})
+               reps=len(pair.ours), samples_ours=[v * scale for v in pair.ours],
+               samples_baseline=[v * scale for v in pair.baseline],
+               notes="; ".join(n for n in (cpu_note, notes) if n),
+               extra={"cpu_ratio": cpu_ratio, "cpu_seconds_ours": pair.ours_cpu,
+                      "cpu_seconds_baseline": pair.baseline_cpu, **(extra or {})})
 
 
 def unavailable_row(id: str, what: str, target: str, reason: str) -> Row:

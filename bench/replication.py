@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .data import CRR_TABLES, Workspace, count_changes, raw_copy
-from .harness import BenchError, Row, Sample, db_digest, measure_pair, ratio_row, stopwatch, unavailable_row
+from .harness import BenchError, Pair, Row, Sample, db_digest, measure_pair, ratio_row, stopwatch, unavailable_row
 
 __all__ = ["b3_in_process", "b4_websocket", "b6_initial_sync", "b7_scaling", "sync_api", "TOKEN", "server_url"]
 
@@ -75,7 +75,7 @@ def _trials(ws: Workspace, source, pull):
             results.append(pull(db))
         digest = _receiver_digest(db) if check else None
         ws.discard(db)
-        return Sample(elapsed[0], digest)
+        return Sample(*elapsed, digest=digest)
 
     def baseline(check: bool) -> Sample:
         db = ws.fresh("recv-raw")
@@ -83,12 +83,12 @@ def _trials(ws: Workspace, source, pull):
             raw_copy(source, db)
         digest = _receiver_digest(db) if check else None
         ws.discard(db)
-        return Sample(elapsed[0], digest)
+        return Sample(*elapsed, digest=digest)
 
     return ours, baseline, results
 
 
-def _in_process(ctx, changes: int) -> tuple[list[float], list[float], dict]:
+def _in_process(ctx, changes: int) -> tuple[Pair, dict]:
     """Measure in-process sync vs raw copy for a source of `changes` (cached per size)."""
     key = ("in-process", changes)
     if key not in ctx.cache:
@@ -97,8 +97,8 @@ def _in_process(ctx, changes: int) -> tuple[list[float], list[float], dict]:
         source_peer = sync.Peer(source)
         ours, baseline, results = _trials(ctx.ws, source, lambda db: sync.Peer(db).sync_with(source_peer))
         reps = ctx.reps_for(changes)
-        ours_s, base_s = measure_pair(f"sync of {changes:,} changes", ours, baseline, reps)
-        ctx.cache[key] = (ours_s, base_s, _facts(source, results))
+        pair = measure_pair(f"sync of {changes:,} changes", ours, baseline, reps)
+        ctx.cache[key] = (pair, _facts(source, results))
     return ctx.cache[key]
 
 
@@ -118,8 +118,8 @@ def b3_in_process(ctx, changes: int) -> list[Row]:
     _, missing = sync_api("Peer")
     if missing:
         return [unavailable_row("B3", what, "ratio <= 1.3", missing)]
-    ours_s, base_s, facts = _in_process(ctx, changes)
-    return [ratio_row("B3", what, ours_s, base_s, limit=1.3, extra=facts)]
+    pair, facts = _in_process(ctx, changes)
+    return [ratio_row("B3", what, pair, limit=1.3, extra=facts)]
 
 
 def b4_websocket(ctx, changes: int) -> list[Row]:
@@ -133,10 +133,10 @@ def b4_websocket(ctx, changes: int) -> list[Row]:
     try:
         url = server_url(server)
         ours, baseline, results = _trials(ctx.ws, source, lambda db: sync.Peer(db).sync_with(url, token=TOKEN))
-        ours_s, base_s = measure_pair("B4", ours, baseline, ctx.reps_for(changes))
+        pair = measure_pair("B4", ours, baseline, ctx.reps_for(changes))
     finally:
         server.close()
-    return [ratio_row("B4", what, ours_s, base_s, limit=1.6, extra=_facts(source, results))]
+    return [ratio_row("B4", what, pair, limit=1.6, extra=_facts(source, results))]
 
 
 def b6_initial_sync(ctx, changes: int) -> list[Row]:
@@ -146,8 +146,8 @@ def b6_initial_sync(ctx, changes: int) -> list[Row]:
     if missing:
         return [unavailable_row("B6", what, "ratio <= 1.3", missing),
                 unavailable_row("B6-rss", "peak RSS growth during that sync", f"<= {_RSS_LIMIT_MB} MB", missing)]
-    ours_s, base_s, facts = _in_process(ctx, changes)
-    rows = [ratio_row("B6", what, ours_s, base_s, limit=1.3, notes=_reps_note(ctx, changes), extra=facts)]
+    pair, facts = _in_process(ctx, changes)
+    rows = [ratio_row("B6", what, pair, limit=1.3, notes=_reps_note(ctx, changes), extra=facts)]
     source = ctx.ws.source(changes)
     ours_mem, base_mem = _child_rss(ctx.ws, source, "ours"), _child_rss(ctx.ws, source, "raw")
     growth, base_growth = ours_mem["growth_mb"], base_mem["growth_mb"]
@@ -179,9 +179,9 @@ def b7_scaling(ctx, sizes: tuple[int, ...]) -> list[Row]:
                                 f"growth <= {_LINEAR_LIMIT}x", missing)]
     rows, ours_cost, base_cost = [], [], []
     for size in sizes:
-        ours_s, base_s, facts = _in_process(ctx, size)
+        pair, facts = _in_process(ctx, size)
         n = facts["changes"]
-        row = ratio_row(f"B7-{_short(size)}", f"sync cost per change at {n:,} changes", ours_s, base_s,
+        row = ratio_row(f"B7-{_short(size)}", f"sync cost per change at {n:,} changes", pair,
                         limit=None, unit="us/change", scale=1e6 / n, notes=_reps_note(ctx, size), extra=facts)
         row.target = "linear (see B7)"
         rows.append(row)

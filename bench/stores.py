@@ -52,7 +52,7 @@ def b1_publish(ws: Workspace, count: int, reps: int) -> list[Row]:
                     publish(WORKFLOW, TOPIC, message_id, body, tx=tx)
         digest = db_digest(db.connection, ("topics", "events")) if check else None
         ws.discard(db)
-        return Sample(elapsed[0], digest)
+        return Sample(*elapsed, digest=digest)
 
     def baseline(check: bool) -> Sample:
         db = ws.fresh("b1-raw")
@@ -65,10 +65,10 @@ def b1_publish(ws: Workspace, count: int, reps: int) -> list[Row]:
             execute("COMMIT")
         digest = db_digest(db.connection, ("topics", "events")) if check else None
         ws.discard(db)
-        return Sample(elapsed[0], digest)
+        return Sample(*elapsed, digest=digest)
 
-    ours_s, base_s = measure_pair("B1", ours, baseline, reps)
-    return [ratio_row("B1", f"publish {count:,} events, one tx (vs per-row raw INSERT)", ours_s, base_s,
+    pair = measure_pair("B1", ours, baseline, reps)
+    return [ratio_row("B1", f"publish {count:,} events, one tx (vs per-row raw INSERT)", pair,
                       limit=1.5, extra={"events": count})]
 
 
@@ -76,20 +76,20 @@ def b2_crr_cost(ws: Workspace, count: int, reps: int) -> list[Row]:
     """B2: executemany INSERT of `count` event rows, CRR table vs the plain schema."""
     rows = event_rows(count)
 
-    def timed_insert(connection) -> float:
+    def timed_insert(connection) -> list[float]:
         with stopwatch() as elapsed:
             connection.execute("BEGIN IMMEDIATE")
             for _ in connection.executemany(INSERT_EVENT, rows):
                 pass
             connection.execute("COMMIT")
-        return elapsed[0]
+        return elapsed
 
     def crr(check: bool) -> Sample:
         db = ws.fresh("b2-crr")
         seconds = timed_insert(db.connection)
         digest = db_digest(db.connection, ("events",)) if check else None
         ws.discard(db)
-        return Sample(seconds, digest)
+        return Sample(*seconds, digest=digest)
 
     def plain(check: bool) -> Sample:
         path = ws.path("b2-plain")
@@ -101,8 +101,7 @@ def b2_crr_cost(ws: Workspace, count: int, reps: int) -> list[Row]:
             connection.close()
         for suffix in ("", "-wal", "-shm"):
             path.with_name(path.name + suffix).unlink(missing_ok=True)
-        return Sample(seconds, digest)
+        return Sample(*seconds, digest=digest)
 
-    ours_s, base_s = measure_pair("B2", crr, plain, reps)
-    return [ratio_row("B2", f"INSERT {count:,} events: CRR table vs same schema without crsql_as_crr",
-                      ours_s, base_s, limit=None, extra={"rows": count, "changes": count * CHANGES_PER_EVENT})]
+    pair = measure_pair("B2", crr, plain, reps)
+    return [ratio_row("B2", f"INSERT {count:,} events: CRR table vs same schema without crsql_as_crr", pair, limit=None, extra={"rows": count, "changes": count * CHANGES_PER_EVENT})]
