@@ -22,8 +22,8 @@ directly) claims it too, by the same table. When several runs claim one event th
 the first by `rank`: a committed claim first (the event stays consumed: un-consuming it would
 invite a second side effect), then a claim past the mutation boundary (its side effect may have
 happened), then a run started by the workflow's owning replica, then the oldest retry family
-(its first run's start_timestamp, then id). `expected_event` is the status and holder the event must end
-with; every replica computes the same from the same converged runs.
+(its first run's start_timestamp, then id). `expected_event` is the status and holder the
+event must end with; every replica computes the same from the same converged rows.
 """
 
 from __future__ import annotations

@@ -188,7 +188,16 @@ def _open_existing(path: str) -> Database:
     """
     if path != ":memory:" and not Path(path).is_file():
         raise FileNotFoundError(2, f"no database (create it with `{PROG} init`)", path)
-    return Database.open(path)
+    return _audited(Database.open(path))
+
+
+def _audited(db: Database) -> Database:
+    """Every merge this command makes is audited for replicated-execution conflicts (the CLI
+    is the roof: it may wire the engine's audit into sync's after-apply hook)."""
+    from engine.replication import install_audit
+
+    install_audit(db)
+    return db
 
 
 # -- commands ------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Pages, parts, bounded memory, the after-apply hook and live mode."""
+"""Pages, parts, bounded memory, the after-apply hook and live mode.
+
+Rounds to watch, pause or keep live go through the simulated network of sync.testing."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from sync import ApplyError, Peer, State
 from sync.changes import CHANGE_COLUMNS, Limits, watermarks
 from sync.peer import run_in_process
 from sync.protocol import Changes, decode
-from test_sync_support import Channel, crr_state, run_round, state, topic, write
+from sync.testing import assert_converged
+from test_sync_support import state, topic, write
 
 BIG_GROUP = int(os.environ.get("SYNC_BIG_GROUP_CHANGES", "200000"))
 
@@ -26,13 +29,12 @@ def bulk_insert(db, rows: int, *, prefix: str = "r", name: str = "n", workflow: 
         )
 
 
-def test_pages_hold_whole_groups_within_the_bound(open_db):
-    a, b = open_db("a"), open_db("b")
+@pytest.mark.cluster(n=2, limits=Limits(page_changes=20))
+def test_pages_hold_whole_groups_within_the_bound(cluster):
+    a, b = cluster.replica(0), cluster.replica(1)
     for k in range(40):  # 40 transactions of 1..4 rows
         bulk_insert(a, 1 + k % 4, prefix=f"k{k}-")
-    limits = Limits(page_changes=20)
-    link = run_round(Peer(b, limits=limits), Peer(a, limits=limits))
-    pages = link.pages("s2c")
+    pages = cluster.sync(1, 0).pages(sender=0)
     assert all(len(p.rows) <= 20 for p in pages) and len(pages) >= 15
     for before, after in zip(pages, pages[1:]):
         assert max(r[5] for r in before.rows) <= before.upto == after.since < min(r[5] for r in after.rows)
@@ -40,24 +42,23 @@ def test_pages_hold_whole_groups_within_the_bound(open_db):
     assert state(b) == state(a)
 
 
-def test_pages_are_bounded_in_bytes(open_db):
-    a, b = open_db("a"), open_db("b")
+@pytest.mark.cluster(n=2, limits=Limits(page_bytes=250_000))
+def test_pages_are_bounded_in_bytes(cluster):
+    a, b = cluster.replica(0), cluster.replica(1)
     for k in range(12):
         write(a, "INSERT INTO events (id, payload) VALUES (?, ?)", (f"e{k}", "x" * 100_000))
-    limits = Limits(page_bytes=250_000)
-    link = run_round(Peer(b, limits=limits), Peer(a, limits=limits))
-    sizes = [len(data) for direction, data in link.delivered if direction == "s2c"]
-    assert max(sizes) < 400_000 and len(link.pages("s2c")) >= 4
-    assert crr_state(b) == crr_state(a)
+    rnd = cluster.sync(1, 0)
+    sizes = [m.size for m in rnd.messages if m.sender == 0 and m.delivered]
+    assert max(sizes) < 400_000 and len(rnd.pages(sender=0)) >= 4
+    assert_converged([b, a])
 
 
-def test_a_group_larger_than_a_page_goes_in_parts_and_merges_at_once(open_db):
-    a, b = open_db("a"), open_db("b")
+@pytest.mark.cluster(n=2, limits=Limits(page_changes=400))
+def test_a_group_larger_than_a_page_goes_in_parts_and_merges_at_once(cluster):
+    a, b = cluster.replica(0), cluster.replica(1)
     bulk_insert(a, 1000)  # 3000 changes in one transaction
     topic(a, "after")
-    limits = Limits(page_changes=400)
-    link = run_round(Peer(b, limits=limits), Peer(a, limits=limits))
-    pages = link.pages("s2c")
+    pages = cluster.sync(1, 0).pages(sender=0)
     parts = [p for p in pages if p.upto == 1]
     assert [p.part for p in parts] == list(range(len(parts))) and len(parts) == 8
     assert [p.more_parts for p in parts] == [True] * 7 + [False]
@@ -130,21 +131,17 @@ def test_memory_stays_bounded_by_the_page_not_the_backlog(open_db):
     assert state(b) == state(a)
 
 
-def test_writes_during_a_split_transfer_do_not_break_it(open_db):
+@pytest.mark.cluster(n=2, limits=Limits(page_changes=100))
+def test_writes_during_a_split_transfer_do_not_break_it(cluster):
     """The sender copies a big group aside: overwriting some of its rows mid-transfer moves
     them to a newer version, which follows in a later page."""
-    a, b = open_db("a"), open_db("b")
+    a, b = cluster.replica(0), cluster.replica(1)
     bulk_insert(a, 300)
-    limits = Limits(page_changes=100)
-    client, server = Peer(b, limits=limits).session("client"), Peer(a, limits=limits).session("server")
-    link = Channel(client, server, max_deliveries=6)
-    link.run()
-    write(a, "UPDATE topics SET name = 'changed' WHERE id IN ('r0', 'r299')")
-    while link.queue:  # finish the same round
-        link.max_deliveries = None
-        to, data = link.queue.popleft()
-        link.send(client if to is server else server, to.receive(data))
-    client.close(), server.close()
+    with cluster.connect(1, 0) as link:
+        link.deliver(limit=6)
+        write(a, "UPDATE topics SET name = 'changed' WHERE id IN ('r0', 'r299')")
+        link.deliver()  # finish the same round
+    client = link.client
     assert client.finished and not client.failed
     assert len(state(b)) == 300
     Peer(b).sync_with(Peer(a))
@@ -214,14 +211,14 @@ def test_apply_errors_become_apply_failed_refusals(open_db):
     assert state(b) == []
 
 
-def test_live_mode_pushes_new_commits_both_ways(open_db):
-    a, b, c = open_db("a"), open_db("b"), open_db("c")
-    hub = Peer(a)
+@pytest.mark.cluster(n=3)
+def test_live_mode_pushes_new_commits_both_ways(cluster):
+    a, b, c = cluster.replica(0), cluster.replica(1), cluster.replica(2)
     sessions = {}
-    for name, db in (("b", b), ("c", c)):
-        client, server = Peer(db).session("client", live=True), hub.session("server")
-        link = Channel(client, server)
-        link.run()
+    for name, index in (("b", 1), ("c", 2)):
+        link = cluster.connect(index, 0, live=True)  # a is the hub
+        link.deliver()
+        client, server = link.client, link.server
         assert client.state is State.LIVE and server.state is State.LIVE and not client.finished
         sessions[name] = link
 
@@ -229,11 +226,7 @@ def test_live_mode_pushes_new_commits_both_ways(open_db):
         """What a transport does on commit notifications: ask every session, deliver."""
         for _ in range(10):
             for link in sessions.values():
-                link.send(link.server, link.client.local_changes())
-                link.send(link.client, link.server.local_changes())
-                while link.queue:
-                    to, data = link.queue.popleft()
-                    link.send(link.client if to is link.server else link.server, to.receive(data))
+                link.notify()
 
     topic(b, "from-b")
     settle()
@@ -244,17 +237,17 @@ def test_live_mode_pushes_new_commits_both_ways(open_db):
     assert sessions["b"].client.local_changes() == []  # idle: nothing to send
     for link in sessions.values():
         assert not link.client.failed and not link.server.failed
-        link.client.close(), link.server.close()
+        link.close()
 
 
-def test_a_relayed_split_transaction_is_split_again_and_never_echoed(open_db):
-    a, b, c = open_db("a"), open_db("b"), open_db("c")
+@pytest.mark.cluster(n=3, limits=Limits(page_changes=50))
+def test_a_relayed_split_transaction_is_split_again_and_never_echoed(cluster):
+    a, b, c = cluster.replica(0), cluster.replica(1), cluster.replica(2)
     bulk_insert(a, 100)  # 300 changes, pages of 50
-    limits = Limits(page_changes=50)
-    pa, pb, pc = (Peer(db, limits=limits) for db in (a, b, c))
+    pa, pb = cluster.peer(0), cluster.peer(1)
     assert pb.sync_with(pa).pulled == 300
-    link = run_round(pc, pb)  # b merged the group as one version of its own: parts again
-    parts = [p for p in link.pages("s2c") if p.rows]
+    rnd = cluster.sync(2, 1)  # b merged the group as one version of its own: parts again
+    parts = [p for p in rnd.pages(sender=1) if p.rows]
     assert len(parts) == 6 and [p.more_parts for p in parts] == [True] * 5 + [False]
-    assert link.client.result.pushed == 0  # c does not send b's (a's) rows back
+    assert rnd.pushed == 0  # c does not send b's (a's) rows back
     assert state(c) == state(b) == state(a)

@@ -1,4 +1,8 @@
-"""Multi-replica scenarios with exact expected states (in-process transport, real schema)."""
+"""Multi-replica scenarios with exact expected states (in-process transport, real schema).
+
+Replicas come from the `cluster` fixture of sync.testing (two per test unless marked);
+rounds that must stop mid-way go through its simulated network.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,21 @@ import pytest
 
 from sync import Peer
 from sync.changes import Limits, watermarks
-from test_sync_support import crr_state, run_round, state, topic, write
+from sync.testing import Disconnect, assert_converged, rows
+from test_sync_support import state, topic, write
+
+pytestmark = pytest.mark.cluster(n=2)
 
 
 @pytest.fixture
-def pair(open_db):
-    a, b = open_db("a"), open_db("b")
+def pair(cluster):
+    a, b = cluster.replica(0), cluster.replica(1)
     return a, b, Peer(a), Peer(b)
+
+
+@pytest.fixture
+def trio(cluster):
+    return cluster.replica(0), cluster.replica(1), cluster.replica(2)
 
 
 def test_insert_update_delete_on_each_side(pair):
@@ -44,8 +56,9 @@ def test_resync_moves_nothing_and_own_changes_never_echo(pair):
     assert sites == {a.site_id: 3, b.site_id: 3}
 
 
-def test_concurrent_update_of_one_cell_has_one_winner_everywhere(open_db):
-    a, b, c = open_db("a"), open_db("b"), open_db("c")
+@pytest.mark.cluster(n=3)
+def test_concurrent_update_of_one_cell_has_one_winner_everywhere(trio):
+    a, b, c = trio
     pa, pb, pc = Peer(a), Peer(b), Peer(c)
     topic(a, "t1", "base")
     pa.sync_with(pb)
@@ -96,8 +109,9 @@ def test_create_after_delete_resurrects_the_row(pair):
     assert state(a) == state(b) == [("t1", "", "second life", 0)]
 
 
-def test_relay_through_a_middle_peer(open_db):
-    a, b, c = open_db("a"), open_db("b"), open_db("c")
+@pytest.mark.cluster(n=3)
+def test_relay_through_a_middle_peer(trio):
+    a, b, c = trio
     pa, pb, pc = Peer(a), Peer(b), Peer(c)
     topic(a, "from-a")
     topic(c, "from-c")
@@ -127,59 +141,57 @@ def test_watermarks_are_per_peer_db_versions(pair):
     assert {m.site_id: m.received for m in watermarks(a)} == {b.site_id: 2}
 
 
-def test_a_transaction_never_straddles_pages(pair):
+@pytest.mark.cluster(n=2, limits=Limits(page_changes=10))
+def test_a_transaction_never_straddles_pages(cluster):
     """Page bound 10 changes: tx1 has 6, tx2 has 9. Stop right after the first page: b has
     all of tx1 and nothing of tx2; then the round completes."""
-    a, b, _, _ = pair
+    a, b = cluster.replica(0), cluster.replica(1)
     with a.transaction() as tx:
         for i in range(2):
             tx.execute("INSERT INTO topics (id, name) VALUES (?, 'tx1')", (f"one-{i}",))
     with a.transaction() as tx:
         for i in range(3):
             tx.execute("INSERT INTO topics (id, name) VALUES (?, 'tx2')", (f"two-{i}",))
-    limits = Limits(page_changes=10)
-    pa, pb = Peer(a, limits=limits), Peer(b, limits=limits)
-    link = run_round(pb, pa, max_deliveries=4)  # hello, hello, pull, first page
-    assert [len(p.rows) for p in link.pages("s2c")] == [6]
+    rnd = cluster.sync(1, 0, faults=[Disconnect(after=4)])  # hello, hello, pull, first page
+    assert [len(p.rows) for p in rnd.pages(sender=0)] == [6]
     assert [row[2] for row in state(b)] == ["tx1", "tx1"]
     assert watermarks(b)[0].received == 1
 
-    link = run_round(pb, pa)
-    assert [len(p.rows) for p in link.pages("s2c")] == [9]
+    rnd = cluster.sync(1, 0)
+    assert [len(p.rows) for p in rnd.pages(sender=0)] == [9]
     assert [row[2] for row in state(b)] == ["tx1", "tx1", "tx2", "tx2", "tx2"]
 
 
-def test_a_split_transaction_arrives_whole_or_not_at_all(pair):
+@pytest.mark.cluster(n=2, limits=Limits(page_changes=10))
+def test_a_split_transaction_arrives_whole_or_not_at_all(cluster):
     """One transaction of 60 changes, pages of 10: it goes as parts; a round cut before the
     last part leaves none of its rows, the next round brings all of them."""
-    a, b, _, _ = pair
+    a, b = cluster.replica(0), cluster.replica(1)
     with a.transaction() as tx:
         for i in range(20):
             tx.execute("INSERT INTO topics (id, name) VALUES (?, 'big')", (f"row-{i:02d}",))
-    limits = Limits(page_changes=10)
-    pa, pb = Peer(a, limits=limits), Peer(b, limits=limits)
-    link = run_round(pb, pa, max_deliveries=3 + 2 * 4)  # handshake, then 4 parts and 3 acks
-    parts = link.pages("s2c")
+    rnd = cluster.sync(1, 0, faults=[Disconnect(after=3 + 2 * 4)])  # handshake, then 4 parts and 3 acks
+    parts = rnd.pages(sender=0)
     assert [p.part for p in parts] == [0, 1, 2, 3] and all(p.more_parts for p in parts)
     assert state(b) == []
     with b.reading() as s:
         assert s.scalar("SELECT count(*) FROM __sync_staging") == 0  # dropped with the session
 
-    link = run_round(pb, pa)
-    parts = link.pages("s2c")
+    rnd = cluster.sync(1, 0)
+    parts = rnd.pages(sender=0)
     assert sum(len(p.rows) for p in parts) == 60 and parts[-1].more_parts is False
     assert state(b) == state(a)
 
 
-def test_convergence_of_every_crr_table(open_db):
-    a, b = open_db("a"), open_db("b")
+def test_convergence_of_every_crr_table(pair):
+    a, b, _, _ = pair
     write(a, "INSERT INTO events (id, topic_id, payload, attempt_number) VALUES ('e1', 't1', '{\"k\": 1}', 2)")
     write(b, "INSERT INTO handler_runs (id, handler_name, cost) VALUES ('r1', 'h', 0.25)")
     write(b, "INSERT INTO handler_state (id, state, wake_at) VALUES ('s1', x'00ff', -5)")
     write(a, "INSERT INTO mutations (id, params) VALUES ('m1', '')")
     Peer(a).sync_with(Peer(b))
-    assert crr_state(a) == crr_state(b)
-    assert crr_state(b)["handler_state"][0][3] == b"\x00\xff"  # blob values keep their type
+    assert_converged([a, b])
+    assert rows(b)["handler_state"][0][3] == b"\x00\xff"  # blob values keep their type
 
 
 def test_a_replica_restored_from_an_older_copy_still_delivers_its_new_writes(open_db, tmp_path):

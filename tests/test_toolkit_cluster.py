@@ -253,6 +253,21 @@ def test_partition_blocks_sync_between_groups_until_healed():
         assert "sync r2<->r0: blocked by the partition" in cluster.schedule
 
 
+def test_sync_all_over_a_line_of_pairs_relays_through_the_middle():
+    with Cluster(3) as cluster:
+        cluster.write(0, TOPIC, ("t0", "x"))
+        cluster.write(2, TOPIC, ("t2", "y"))
+        rounds = cluster.sync_all(pairs=[(0, 1), (2, 1)])
+        assert {(r.client, r.server) for r in rounds} == {(0, 1), (2, 1)}
+        cluster.assert_converged()
+        assert "sync_all over [[0, 1], [2, 1]]:" in cluster.schedule
+        cluster.partition([[0], [1, 2]])
+        cluster.write(0, TOPIC, ("t3", "z"))
+        assert cluster.sync_all(pairs=[(0, 1), (2, 1)]) == []  # 0-1 cut off, 2-1 already in sync
+        assert cluster.schedule[-2] == "sync_all over [[2, 1]]:"
+        assert topics(cluster, 2) == [("t0", "x"), ("t2", "y")]
+
+
 def test_restart_keeps_data_watermarks_and_site_id():
     with Cluster(2) as cluster:
         cluster.write(0, TOPIC, ("t1", "x"))

@@ -12,7 +12,8 @@
 Modules:
     cluster    Cluster: replicas in temp files, sync rounds, partitions, restarts, the schedule
     network    the simulated network: Faults (random, seeded) and per-message faults
-    diff       ConvergenceError / Difference: the first differing table, row and column
+    diff       ConvergenceError / Difference: the first differing table, row and column;
+               rows(db) and assert_converged(dbs) for databases outside a cluster
     schedules  steps as plain data, run_schedule, and the Hypothesis strategies
     plugin     the pytest plugin: `cluster` / `replicas` fixtures, the `cluster` marker,
                --cluster-seed / --cluster-replicas, replay sections in failure reports
@@ -24,7 +25,7 @@ imported only when a strategy is built.
 from __future__ import annotations
 
 from .cluster import START_MS, Cluster, NotQuiescentError
-from .diff import MISSING, ConvergenceError, Difference
+from .diff import MISSING, ConvergenceError, Difference, assert_converged, rows
 from .network import Delay, Disconnect, Drop, Duplicate, Faults, Link, MessageFault, Reorder, Round, Sent
 from .schedules import (
     Advance,
@@ -48,6 +49,8 @@ __all__ = [
     "ConvergenceError",
     "Difference",
     "MISSING",
+    "assert_converged",
+    "rows",
     "Faults",
     "MessageFault",
     "Drop",

@@ -42,7 +42,7 @@ from sync.errors import InvalidChangeError, MessageTooLargeError, ProtocolError,
 from sync.peer import Peer
 from sync.session import Role
 
-from .diff import ConvergenceError, Difference, first_difference, snapshot, sort_key
+from .diff import ConvergenceError, Difference, first_difference, rows, snapshot
 from .network import Disconnect, Faults, Link, MessageFault, Network, Round
 
 __all__ = ["Cluster", "NotQuiescentError", "START_MS", "SITE_SLOTS", "last_opened", "forget_last_opened"]
@@ -275,8 +275,7 @@ class Cluster:
 
     def state(self, index: int, tables: Sequence[str] | None = None) -> dict[str, list[tuple]]:
         """Every CRR table of replica `index` (or only `tables`): rows ordered by primary key."""
-        return {table: [ts.rows[key] for key in sorted(ts.rows, key=sort_key)]
-                for table, ts in snapshot(self.replica(index), tables).items()}
+        return rows(self.replica(index), tables)
 
     @property
     def clock(self) -> Clock:
@@ -366,7 +365,7 @@ class Cluster:
                 server.close()
         self._record(rnd.describe())
         self.last_round = rnd
-        pair = (min(a, b), max(a, b))
+        pair = _key((a, b))
         if rnd.ok and rnd.moved == 0:
             self._clean[pair] = self._versions(pair)
         else:
@@ -399,20 +398,30 @@ class Cluster:
         link.on_close = lambda done: self._record("closed " + done.outcome().describe())
         return link.start()
 
-    def sync_all(self, *, faults: bool = True, max_rounds: int | None = None) -> list[Round]:
+    def sync_all(self, *, faults: bool = True, max_rounds: int | None = None,
+                 pairs: Sequence[tuple[int, int]] | None = None) -> list[Round]:
         """Rounds between connected pairs until quiescent: every connected pair has had a
         complete round that moved nothing, and neither side changed since. Returns the rounds.
 
         `faults=False` syncs over a perfect network (explicit faults never apply here).
+        `pairs` limits the rounds to these (client, server) pairs — a topology such as a line
+        [(0, 1), (1, 2)] that partition groups cannot express; the partition still applies.
 
         Raises:
             NotQuiescentError: still not quiescent after `max_rounds` rounds (default 50 per
                 connected pair): faults too heavy, or changes that never settle.
             SyncError: as `sync`.
         """
-        pairs = [(a, b) for a in range(self.n) for b in range(a + 1, self.n) if self.network.connected(a, b)]
+        pairs_given = pairs is not None
+        if pairs is None:
+            pairs = [(a, b) for a in range(self.n) for b in range(a + 1, self.n)]
+        else:
+            for a, b in pairs:
+                self._check(a, b)
+        pairs = [(a, b) for a, b in pairs if a != b and self.network.connected(a, b)]
         budget = max_rounds if max_rounds is not None else 50 * max(1, len(pairs))
-        self._record("sync_all" + ("" if faults else " (perfect network)") + ":")
+        how = ("" if faults else " (perfect network)") + (f" over {[list(p) for p in pairs]}" if pairs_given else "")
+        self._record(f"sync_all{how}:")
         rounds: list[Round] = []
         self._indent = "  "
         try:
@@ -424,7 +433,7 @@ class Cluster:
         return rounds
 
     def _settle(self, pairs: list[tuple[int, int]], rounds: list[Round], budget: int, faults: bool) -> None:
-        while dirty := [p for p in pairs if self._clean.get(p) != self._versions(p)]:
+        while dirty := [p for p in pairs if self._clean.get(_key(p)) != self._versions(_key(p))]:
             for a, b in dirty:
                 if len(rounds) >= budget:
                     raise NotQuiescentError(
@@ -519,6 +528,12 @@ class Cluster:
 
     def __repr__(self) -> str:
         return f"<Cluster n={self.n} seed={self.seed} schema={self.schema_dir.name}/ steps={len(self._log)}>"
+
+
+def _key(pair: tuple[int, int]) -> tuple[int, int]:
+    """A pair's key for "in sync" bookkeeping: the direction of a round does not matter."""
+    a, b = pair
+    return (a, b) if a < b else (b, a)
 
 
 def _clocks(clock: Clock | Sequence[Clock] | None, n: int) -> list[Clock]:

@@ -15,7 +15,17 @@ import msgspec
 from engine.database import Database
 from engine.migrations import crr_tables
 
-__all__ = ["MISSING", "sort_key", "Difference", "ConvergenceError", "TableState", "snapshot", "first_difference"]
+__all__ = [
+    "MISSING",
+    "sort_key",
+    "Difference",
+    "ConvergenceError",
+    "TableState",
+    "snapshot",
+    "rows",
+    "first_difference",
+    "assert_converged",
+]
 
 
 class _Missing:
@@ -59,6 +69,12 @@ def snapshot(db: Database, tables: Sequence[str] | None = None) -> dict[str, Tab
             rows = s.execute(f'SELECT * FROM "{table}"')
             state[table] = TableState(columns, pk, {tuple(r[i] for i in at): r for r in rows})
     return state
+
+
+def rows(db: Database, tables: Sequence[str] | None = None) -> dict[str, list[tuple]]:
+    """Every CRR table of `db` (or only `tables`): its rows, ordered by primary key."""
+    return {table: [ts.rows[key] for key in sorted(ts.rows, key=sort_key)]
+            for table, ts in snapshot(db, tables).items()}
 
 
 class Difference(msgspec.Struct):
@@ -152,3 +168,15 @@ def _row_difference(table: str, state: TableState, key: tuple, rows: list, repli
         if not all(_same(v, values[0]) for v in values[1:]):
             return Difference(table, list(replicas), pk, column, values)
     return Difference(table, list(replicas), pk, None, rows)  # rows of different widths: schemas differ
+
+
+def assert_converged(dbs: Sequence[Database], tables: Sequence[str] | None = None) -> None:
+    """Assert that these databases (any replicas, in a Cluster or not) hold identical CRR
+    tables; in messages they are r0, r1, ... in the order given.
+
+    Raises:
+        ConvergenceError: naming the first differing table, row and column.
+    """
+    difference = first_difference([snapshot(db, tables) for db in dbs], list(range(len(dbs))))
+    if difference is not None:
+        raise ConvergenceError(difference)
