@@ -5,7 +5,8 @@ entry points and repairs, and the status summary."""
 from __future__ import annotations
 
 import pytest
-from test_replication_support import assert_converged, close_all, open_replicas, sync_until_quiet, tables
+from sync.testing import rows
+from test_replication_support import assert_converged, close_all, open_replicas, sync_until_quiet
 
 from engine import NotOwnerError
 from engine import claims
@@ -62,7 +63,7 @@ def test_steps_that_reserve_or_advance_are_refused_on_a_non_owner(db):
     db.execution.apply_mutation(mutation.id, {})
     db.execution.fail_run(paused.id, "paused:transient")
     hand_over(db)
-    before = tables(db)
+    before = rows(db)
     steps = [
         lambda: consumer(db),
         lambda: db.execution.prepare_consumer(pending.id, reservations={"inbox": ["m1"]}, prepare_result=None),
@@ -75,7 +76,7 @@ def test_steps_that_reserve_or_advance_are_refused_on_a_non_owner(db):
     for step in steps:
         with pytest.raises(NotOwnerError, match=f"owned by replica {OTHER}"):
             step()
-    assert tables(db) == before  # each refusal rolled its whole step back
+    assert rows(db) == before  # each refusal rolled its whole step back
     assert db.execution.recover_crashed_runs().crashed == []  # another replica's runs may be alive
     db.events.publish("wf", "inbox", "m9", {})  # publishing and reading work everywhere
     assert db.events.count_pending("wf", "inbox") == 1

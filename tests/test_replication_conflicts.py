@@ -10,7 +10,8 @@ replica; a column written more often (higher version) wins whatever its value.
 from __future__ import annotations
 
 import pytest
-from test_replication_support import START, assert_converged, close_all, open_replicas, sync_until_quiet, tables
+from sync.testing import rows
+from test_replication_support import START, assert_converged, close_all, open_replicas, sync_until_quiet
 
 from engine import InvalidTransitionError, NotOwnerError
 from engine.events import event_id
@@ -67,7 +68,7 @@ def test_same_topic_created_on_two_partitioned_replicas_is_one_topic(pair):
     assert made[0].id == made[1].id == topic_id("wf", "inbox")
     sync_until_quiet(pair)
     # created_at was written once on each side (same version): the greater value wins.
-    assert every(pair, lambda db: tables(db)["topics"]) == [(made[0].id, "wf", "inbox", START + 5)]
+    assert every(pair, lambda db: rows(db)["topics"]) == [(made[0].id, "wf", "inbox", START + 5)]
     assert every(pair, lambda db: db.conflicts.list(status=None)) == []
 
 
@@ -83,7 +84,7 @@ def test_same_message_published_on_both_is_one_event_with_a_deterministic_payloa
     # Each column resolves on its own to the greater value: payload from b, title from a.
     assert (event.payload, event.title, event.status, event.created_at, event.updated_at) == (
         {"from": "b"}, "from a", "pending", START + 3, START + 3)
-    assert every(pair, lambda db: tables(db)["topics"]) == [(topic_id("wf", "inbox"), "wf", "inbox", START + 3)]
+    assert every(pair, lambda db: rows(db)["topics"]) == [(topic_id("wf", "inbox"), "wf", "inbox", START + 3)]
     no_violations(pair)
 
 

@@ -14,7 +14,8 @@ after seeing the delete re-creates the row. What the engine adds on top:
 from __future__ import annotations
 
 import pytest
-from test_replication_support import START, assert_converged, close_all, open_replicas, sync_until_quiet, tables
+from sync.testing import rows
+from test_replication_support import START, assert_converged, close_all, open_replicas, sync_until_quiet
 
 from engine import NotFoundError
 from engine.events import event_id
@@ -60,7 +61,7 @@ def test_cr_sqlite_a_delete_beats_a_concurrent_update_and_an_insert_after_it_rec
     with b.db.transaction() as tx:
         tx.execute("UPDATE handler_state SET state = '{\"n\":2}'")
     sync_until_quiet(pair)
-    assert every(pair, lambda db: tables(db)["handler_state"]) == []
+    assert every(pair, lambda db: rows(db)["handler_state"]) == []
 
 
 # -- topics ----------------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ def test_a_topic_deleted_while_another_replica_publishes_comes_back_with_the_new
     b.db.events.publish("wf", "inbox", "new", {"late": True})
     sync_until_quiet(pair)
     # The row is re-created with its original name and creation time (from __engine_topic_names).
-    assert every(pair, lambda db: tables(db)["topics"]) == [(TOPIC, "wf", "inbox", START)]
+    assert every(pair, lambda db: rows(db)["topics"]) == [(TOPIC, "wf", "inbox", START)]
     assert every(pair, messages) == ["new"]  # what a saw when it deleted stays deleted
     assert every(pair, lambda db: db.topics.list("wf")[0].name) == "inbox"
     assert_converged(pair)
@@ -88,11 +89,11 @@ def test_a_publish_after_seeing_the_delete_recreates_the_topic_itself(pair):
     sync_until_quiet(pair)
     delete_topic(a.db)
     sync_until_quiet(pair)
-    assert every(pair, lambda db: (tables(db)["topics"], messages(db))) == ([], [])
+    assert every(pair, lambda db: (rows(db)["topics"], messages(db))) == ([], [])
     b.clock.advance(10)
     b.db.events.publish("wf", "inbox", "again", {})
     sync_until_quiet(pair)
-    assert every(pair, lambda db: tables(db)["topics"]) == [(TOPIC, "wf", "inbox", START + 10)]
+    assert every(pair, lambda db: rows(db)["topics"]) == [(TOPIC, "wf", "inbox", START + 10)]
     assert every(pair, messages) == ["again"]
     no_violations(pair)
 
@@ -106,7 +107,7 @@ def test_events_deleted_while_another_replica_reserves_them_stay_deleted(pair):
     run = b.db.execution.start_run(script_run_id="s", workflow_id="wf", handler_type="consumer", handler_name="h")
     b.db.execution.prepare_consumer(run.id, reservations={"inbox": ["m1"]}, prepare_result=None)
     sync_until_quiet(pair)
-    assert every(pair, lambda db: (tables(db)["topics"], messages(db))) == ([], [])
+    assert every(pair, lambda db: (rows(db)["topics"], messages(db))) == ([], [])
     b.db.execution.commit_consumer(run.id)  # it holds nothing any more: consumes nothing
     sync_until_quiet(pair)
     assert every(pair, lambda db: db.handler_runs.get(run.id).status) == "committed"
@@ -132,7 +133,7 @@ def test_a_run_deleted_by_session_while_another_replica_commits_it_stays_deleted
     assert a.db.handler_runs.delete_by_session("session-1") == 1
     b.db.execution.commit_consumer(run.id, state={"done": 1})
     sync_until_quiet(pair)
-    assert every(pair, lambda db: tables(db)["handler_runs"]) == []
+    assert every(pair, lambda db: rows(db)["handler_runs"]) == []
     m1 = every(pair, lambda db: db.events.get(event_id(TOPIC, "m1")))
     assert (m1.status, m1.reserved_by_run_id) == ("consumed", run.id)  # history: the run did consume it
     assert every(pair, lambda db: db.handler_state.get("wf", "h").state) == {"done": 1}
@@ -150,7 +151,7 @@ def test_a_run_deleted_while_another_replica_advances_it_releases_what_it_held(p
     a.db.handler_runs.delete_by_session("session-1")
     mutation = b.db.execution.begin_mutation(run.id, tool_namespace="mail", tool_method="send", params={})
     sync_until_quiet(pair)
-    assert every(pair, lambda db: tables(db)["handler_runs"]) == []
+    assert every(pair, lambda db: rows(db)["handler_runs"]) == []
     # Nobody holds m1 now: released, so another run processes it (the deleted run's mutation
     # row stays, in flight, for whoever reconciles it).
     m1 = every(pair, lambda db: db.events.get(event_id(TOPIC, "m1")))

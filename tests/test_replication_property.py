@@ -19,9 +19,9 @@ import tempfile
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_replication_support import Replica, assert_converged, close_all, open_replicas, sync_until_quiet
+from test_replication_support import assert_converged, close_all, open_replicas, sync_until_quiet
 
-from engine import AlreadyExistsError, Database, InvalidTransitionError, NotFoundError, NotOwnerError
+from engine import AlreadyExistsError, InvalidTransitionError, NotFoundError, NotOwnerError
 from engine.execution import FAILURE_STATUSES
 from engine.topics import topic_id
 
@@ -187,10 +187,8 @@ class World:
             db.handler_state.delete(wf, name)
 
     def _restart(self, replica, db):
-        """Close the replica and open its file again (the audit is installed anew)."""
-        path, clock, index = db.path, replica.clock, replica.index
-        db.close()
-        self.replicas[index] = Replica(Database.open(path, clock=clock), clock, index)
+        """Close the replica and open its file again (the cluster installs the audit anew)."""
+        replica.cluster.restart(replica.index)
 
     def _watch_terminal(self, r: int) -> None:
         with self.replicas[r].db.reading() as s:

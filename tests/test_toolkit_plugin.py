@@ -19,6 +19,8 @@ NOTES_APP = Path(__file__).resolve().parent.parent / "examples" / "notes_app" / 
 PASSING = f"""
 import pytest
 
+OPENED = []
+
 @pytest.mark.cluster(n=2, seed=5, schema_dir={str(NOTES_APP)!r})
 def test_marker(cluster, replicas):
     assert (cluster.n, cluster.seed, cluster.schema_dir.name) == (2, 5, "migrations")
@@ -32,9 +34,9 @@ def test_defaults(cluster):
     assert (cluster.n, cluster.seed) == (3, 0)
     assert "topics" in cluster.state(0)
 
-@pytest.mark.cluster(4)
-def test_positional_n(cluster):
-    assert cluster.n == 4
+@pytest.mark.cluster(4, setup=lambda index, db, peer: OPENED.append(index))
+def test_positional_n_and_setup(cluster):
+    assert cluster.n == 4 and OPENED == [0, 1, 2, 3]
 
 @pytest.mark.cluster(n=2, schema_dir="migrations")
 def test_relative_schema_dir(cluster):

@@ -5,7 +5,8 @@ Fixtures:
     replicas   the cluster's Databases as a live sequence (`replicas[i]` follows restarts)
 
 Settings, per test:
-    @pytest.mark.cluster(n=3, seed=7, schema_dir="migrations", faults=Faults(drop=0.1), limits=...)
+    @pytest.mark.cluster(n=3, seed=7, schema_dir="migrations", faults=Faults(drop=0.1), limits=...,
+                         setup=fn)   # fn(index, db, peer) whenever a replica opens
     a relative `schema_dir` is relative to the test file's folder; the ini option
     `cluster_schema_dir` (relative to the rootdir) is the default for every test.
 Command line:
@@ -34,7 +35,7 @@ __all__ = ["ReplicaView", "cluster", "replicas"]
 
 _CLUSTER = pytest.StashKey[Cluster]()
 _REPORTED = pytest.StashKey[bool]()
-_MARKER_KEYS = {"n", "seed", "schema_dir", "faults", "limits"}
+_MARKER_KEYS = {"n", "seed", "schema_dir", "faults", "limits", "setup"}
 DEFAULT_REPLICAS = 3
 
 
@@ -63,7 +64,8 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"--cluster-seed takes an integer or 'random', not {seed!r}") from None
     config.addinivalue_line(
         "markers",
-        "cluster(n=3, seed=0, schema_dir=None, faults=None, limits=None): settings of the `cluster` fixture "
+        "cluster(n=3, seed=0, schema_dir=None, faults=None, limits=None, setup=None): settings of the "
+        "`cluster` fixture "
         "(sync.testing)",
     )
 
