@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import apsw
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI, WebSocketException
 from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import serve as ws_serve
@@ -138,19 +139,28 @@ class ChangeNotifier:
             wake()
 
     def _poll(self, interval: float) -> None:
-        """Thread entry: notify when another connection has committed; ends with the database."""
-        try:
-            last = self._data_version()
-            while not self._stop.wait(interval):
+        """Thread entry: notify when another connection has committed; ends with the database.
+
+        A failed read (e.g. the application used `db.connection` from another thread at that
+        moment) is logged and retried on the next tick: stopping would silently stop noticing
+        other processes' writes for the rest of the connection's life.
+        """
+        last, missed = None, False
+        while not self.db.closed:
+            try:
                 current = self._data_version()
-                if current != last:
-                    last = current
+            except (EngineError, apsw.Error) as error:
+                if self.db.closed:
+                    return
+                log.warning("data_version poll of %s failed (%s); retrying", self.db.path, error)
+                missed = True
+            else:
+                # after a failed read we cannot tell what changed meanwhile: wake to be safe
+                if missed or (last is not None and current != last):
                     self.notify()
-        except EngineError:
-            if not self.db.closed:
-                log.exception("data_version poll of %s stopped", self.db.path)
-        except Exception:
-            log.exception("data_version poll of %s failed", self.db.path)
+                last, missed = current, False
+            if self._stop.wait(interval):
+                return
 
     def _data_version(self) -> int:
         with self.db.reading() as session:

@@ -321,6 +321,32 @@ def test_live_client_notices_writes_made_by_another_connection(open_db):
         wait_until(has_topics(client, "elsewhere-0"), what="the data_version poll to notice the write")
 
 
+def test_data_version_poll_survives_a_failed_read(open_db, monkeypatch):
+    """A transient failure of one poll (e.g. the app used db.connection from another thread)
+    must not stop the server from noticing other connections' writes for good."""
+    import apsw
+
+    from sync.websocket import ChangeNotifier
+
+    hub, client = open_db("hub"), open_db("client")
+    other_connection = open_db("hub")
+    real = ChangeNotifier._data_version
+    failures = []
+
+    def flaky(self):
+        if len(failures) < 3:
+            failures.append(1)
+            raise apsw.BusyError("simulated: connection busy in another thread")
+        return real(self)
+
+    monkeypatch.setattr(ChangeNotifier, "_data_version", flaky)
+    with serve(hub) as server, connect(client, server.url) as live:
+        live.wait_connected(10)
+        wait_until(lambda: len(failures) == 3, what="the three failed polls")
+        add_topics(other_connection, "after-failures", 1)
+        wait_until(has_topics(client, "after-failures-0"), what="the poll to notice the write after failing")
+
+
 def test_live_client_reconnects_after_the_server_restarts(open_db):
     hub, client = open_db("hub"), open_db("client")
     server = serve(hub)
