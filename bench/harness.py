@@ -37,7 +37,6 @@ __all__ = [
     "measure_pair",
     "measure_one",
     "ratio_row",
-    "unavailable_row",
     "stopwatch",
     "median",
     "render_table",
@@ -157,12 +156,6 @@ def ratio_row(id: str, what: str, pair: Pair, *, limit: float | None, unit: str 
                notes="; ".join(n for n in (cpu_note, notes) if n),
                extra={"cpu_ratio": cpu_ratio, "cpu_seconds_ours": pair.ours_cpu,
                       "cpu_seconds_baseline": pair.baseline_cpu, **(extra or {})})
-
-
-def unavailable_row(id: str, what: str, target: str, reason: str) -> Row:
-    """The row printed instead of a figure when the code under test does not exist yet."""
-    return Row(id=id, what=what, unit="", ours=None, baseline=None, ratio=None, target=target,
-               met=None, notes=f"not available: {reason}")
 
 
 # -- data digests ----------------------------------------------------------------------------

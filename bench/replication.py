@@ -18,33 +18,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .data import CRR_TABLES, Workspace, count_changes, raw_copy
-from .harness import BenchError, Pair, Row, Sample, db_digest, measure_pair, ratio_row, stopwatch, unavailable_row
+import sync
 
-__all__ = ["b3_in_process", "b4_websocket", "b6_initial_sync", "b7_scaling", "sync_api", "TOKEN", "server_url"]
+from .data import CRR_TABLES, Workspace, count_changes, raw_copy
+from .harness import BenchError, Pair, Row, Sample, db_digest, measure_pair, ratio_row, stopwatch
+
+__all__ = ["b3_in_process", "b4_websocket", "b6_initial_sync", "b7_scaling", "TOKEN", "server_url"]
 
 TOKEN = "bench-token"
 REPO = Path(__file__).resolve().parent.parent
 _RSS_LIMIT_MB = 150
 _LINEAR_LIMIT = 1.3
-
-
-def sync_api(*names: str):
-    """The `sync` package if it offers `names`, else None and the reason (the row then says
-    "not available" instead of inventing a figure)."""
-    try:
-        import sync
-    except Exception as error:  # work in progress elsewhere: say so instead of crashing
-        return None, f"the sync package does not import ({type(error).__name__}: {error})"
-    missing = []
-    for name in names:
-        try:
-            getattr(sync, name)
-        except Exception:  # sync's lazy names import sync.websocket, which may be unfinished
-            missing.append(name)
-    if missing:
-        return None, f"sync.{', sync.'.join(missing)} not implemented yet"
-    return sync, None
 
 
 def server_url(server) -> str:
@@ -92,7 +76,6 @@ def _in_process(ctx, changes: int) -> tuple[Pair, dict]:
     """Measure in-process sync vs raw copy for a source of `changes` (cached per size)."""
     key = ("in-process", changes)
     if key not in ctx.cache:
-        sync, _ = sync_api("Peer")
         source = ctx.ws.source(changes)
         source_peer = sync.Peer(source)
         ours, baseline, results = _trials(ctx.ws, source, lambda db: sync.Peer(db).sync_with(source_peer))
@@ -115,9 +98,6 @@ def _reps_note(ctx, changes: int) -> str:
 def b3_in_process(ctx, changes: int) -> list[Row]:
     """B3: in-process `Peer.sync_with` vs raw copy."""
     what = f"sync {changes:,} changes A->B, in-process (vs raw copy)"
-    _, missing = sync_api("Peer")
-    if missing:
-        return [unavailable_row("B3", what, "ratio <= 1.3", missing)]
     pair, facts = _in_process(ctx, changes)
     return [ratio_row("B3", what, pair, limit=1.3, extra=facts)]
 
@@ -125,9 +105,6 @@ def b3_in_process(ctx, changes: int) -> list[Row]:
 def b4_websocket(ctx, changes: int) -> list[Row]:
     """B4: `Peer.sync_with("ws://...")` against `sync.serve` on loopback vs raw copy."""
     what = f"sync {changes:,} changes A->B over WebSocket (vs raw copy)"
-    sync, missing = sync_api("Peer", "serve")
-    if missing:
-        return [unavailable_row("B4", what, "ratio <= 1.6", missing)]
     source = ctx.ws.source(changes)
     server = sync.serve(source, "127.0.0.1", 0, token=TOKEN)
     try:
@@ -142,10 +119,6 @@ def b4_websocket(ctx, changes: int) -> list[Row]:
 def b6_initial_sync(ctx, changes: int) -> list[Row]:
     """B6: the 1M-change initial sync: time ratio, and peak RSS growth measured in a child."""
     what = f"initial sync of {changes:,} changes, in-process (vs raw copy)"
-    _, missing = sync_api("Peer")
-    if missing:
-        return [unavailable_row("B6", what, "ratio <= 1.3", missing),
-                unavailable_row("B6-rss", "peak RSS growth during that sync", f"<= {_RSS_LIMIT_MB} MB", missing)]
     pair, facts = _in_process(ctx, changes)
     rows = [ratio_row("B6", what, pair, limit=1.3, notes=_reps_note(ctx, changes), extra=facts)]
     source = ctx.ws.source(changes)
@@ -173,10 +146,6 @@ def _child_rss(ws: Workspace, source, mode: str) -> dict:
 
 def b7_scaling(ctx, sizes: tuple[int, ...]) -> list[Row]:
     """B7: per-change cost of in-process sync (and of the raw copy) at each size."""
-    _, missing = sync_api("Peer")
-    if missing:
-        return [unavailable_row("B7", "per-change sync cost at " + ", ".join(f"{s:,}" for s in sizes),
-                                f"growth <= {_LINEAR_LIMIT}x", missing)]
     rows, ours_cost, base_cost = [], [], []
     for size in sizes:
         pair, facts = _in_process(ctx, size)

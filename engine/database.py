@@ -14,6 +14,7 @@ and never open connections themselves.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -29,6 +30,8 @@ from .clock import Clock, SystemClock
 from .errors import EngineError, ExtensionNotFoundError
 
 __all__ = ["Database", "Session", "connect", "extension_path", "BUSY_TIMEOUT_MS"]
+
+log = logging.getLogger("engine.database")
 
 DEFAULT_EXTENSION = Path(__file__).resolve().parent.parent / "extensions" / "crsqlite.so"
 BUSY_TIMEOUT_MS = 10_000
@@ -238,17 +241,27 @@ class Database:
     def reading(self, tx: Session | None = None) -> Iterator[Session]:
         """Read access without taking the write lock (WAL readers never wait for writers).
 
-        Holds the connection's thread lock, so another thread's open transaction is never
-        seen half-done; with `tx`, reads inside that transaction.
+        Outside a transaction the reads run in a deferred read transaction, so a method that
+        issues several SELECTs sees one consistent snapshot even while other connections
+        commit. Holds the connection's thread lock, so another thread's open transaction is
+        never seen half-done; with `tx`, reads inside that transaction.
+
+        Raises:
+            EngineError: the database is closed, or `tx` belongs to another database.
         """
-        if tx is not None:
-            if tx.db is not self:
-                raise EngineError("tx= belongs to another database")
-            yield tx
-            return
+        if tx is not None and tx.db is not self:
+            raise EngineError("tx= belongs to another database")
         with self._lock:
             self._check_open()
-            yield self._session
+            if self.connection.in_transaction:
+                yield self._session
+                return
+            self.connection.execute("BEGIN DEFERRED")
+            try:
+                yield self._session
+            finally:
+                if self.connection.in_transaction:
+                    self.connection.execute("COMMIT")
 
     def on_commit(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call `listener()` after each commit made through `transaction()`; returns a function
@@ -257,8 +270,13 @@ class Database:
         return lambda: self._commit_listeners.remove(listener) if listener in self._commit_listeners else None
 
     def _notify_commit(self) -> None:
+        # The commit has happened: a failing listener is logged, never reported to the
+        # writer as if its transaction had failed.
         for listener in list(self._commit_listeners):
-            listener()
+            try:
+                listener()
+            except Exception:
+                log.exception("commit listener %r of %s failed", listener, self.path)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -314,7 +332,13 @@ class Database:
             if self._closed:
                 return
             self._closed = True
-            close_connection(self.connection)
+            try:
+                close_connection(self.connection)
+            except apsw.Error:
+                # e.g. a cursor the application left open on db.connection: close anyway
+                # rather than leak the file handle, then report it.
+                self.connection.close(True)
+                raise
 
     def __enter__(self) -> "Database":
         return self

@@ -95,6 +95,17 @@ def past_mutation_boundary(run: HandlerRun) -> bool:
     return run.handler_type == "consumer" and run.phase not in PRE_MUTATION_PHASES
 
 
+def _message_ids(topic: str, ids: Any) -> list[str]:
+    """The message ids asked for one topic; a bare string would be read as its characters.
+
+    Raises:
+        ValueError: `ids` is a string rather than a collection of message ids.
+    """
+    if isinstance(ids, (str, bytes)):
+        raise ValueError(f"reservations[{topic!r}] must be a list of message ids, not a string")
+    return list(ids)
+
+
 class ExecutionModel:
     """Run-phase transitions across the stores of one replica. Reached as `db.execution`."""
 
@@ -196,7 +207,7 @@ class ExecutionModel:
             if run.phase == "pending":
                 runs.set_phase(run_id, "preparing", tx=s)
             runs.set_phase(run_id, "prepared", tx=s)
-            asked = {topic: list(ids) for topic, ids in reservations.items()}
+            asked = {topic: _message_ids(topic, ids) for topic, ids in reservations.items()}
             reserved = self.db.events.reserve(run_id, run.workflow_id, asked, tx=s)
             if wake_at is not None:
                 self._schedule(s, run, wake_at)

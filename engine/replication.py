@@ -51,7 +51,6 @@ import msgspec
 from . import claims as c
 from .conflicts import Conflict
 from .database import Database, Session
-from .errors import EngineError
 from .events import RESERVED
 from .handler_runs import RUNS
 from .topics import insert_topic
@@ -103,18 +102,20 @@ def install_audit(target: Any) -> Callable[[], None]:
     imported here, at call time: the engine does not depend on sync). Installing twice is a
     no-op. Returns a function that uninstalls it.
 
-    An `EngineError` from the audit (e.g. a row it cannot interpret) is logged and its writes
+    An error from the audit (e.g. a row it cannot interpret) is logged and its writes
     rolled back, but the merge goes on: a bad row must not stop sync for good.
     """
     db: Database = getattr(target, "db", target)
     if db in _installed:
         return _installed[db]
 
+    # Neither the hook nor `uninstall` may hold `db` strongly: both live in tables keyed
+    # weakly by the database, which would otherwise never be collected.
     def hook(tx: Session, merged: Sequence[tuple[str, tuple]]) -> None:
         try:
-            audit(db, merged, tx=tx)
-        except EngineError:
-            log.exception("after-merge audit of %s failed; the merge is kept", db.path)
+            audit(tx.db, merged, tx=tx)
+        except Exception:  # a bug in the audit must not make every retry of this merge fail
+            log.exception("after-merge audit of %s failed; the merge is kept", tx.db.path)
 
     if hasattr(target, "after_apply"):
         remove_hook = target.after_apply(hook)
@@ -122,10 +123,13 @@ def install_audit(target: Any) -> Callable[[], None]:
         from sync.changes import add_after_apply
 
         remove_hook = add_after_apply(db, hook)
+    db_ref = weakref.ref(db)
 
     def uninstall() -> None:
         remove_hook()
-        _installed.pop(db, None)
+        installed_on = db_ref()
+        if installed_on is not None:
+            _installed.pop(installed_on, None)
 
     _installed[db] = uninstall
     return uninstall

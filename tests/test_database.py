@@ -131,7 +131,7 @@ def test_busy_writer_waits_instead_of_failing(open_db):
         thread.start()
         entered.wait(5)
         # the second writer is blocked on the lock while we hold it
-        assert not finished.wait(0.3)
+        assert not finished.wait(0.3)  # sleep-ok: proves the second writer is still waiting
     thread.join(10)
     assert errors == []
     assert topic_ids(first) == ["from-first", "from-second"]
@@ -213,3 +213,24 @@ def test_system_clock_is_integer_milliseconds():
 
 def test_schema_fingerprint_is_equal_for_equal_schemas(open_db):
     assert open_db("a").schema_fingerprint == open_db("b").schema_fingerprint
+
+
+def test_a_failing_commit_listener_does_not_fail_the_committed_transaction(db, caplog):
+    def broken():
+        raise RuntimeError("listener bug")
+
+    db.on_commit(broken)
+    with db.transaction() as tx:
+        insert_topic(tx, "t1")
+    assert topic_ids(db) == ["t1"]
+    assert "commit listener" in caplog.text
+
+
+def test_a_read_sees_one_snapshot_while_another_connection_commits(open_db):
+    reader, writer = open_db("shared"), open_db("shared")
+    with reader.reading() as r:
+        before = r.scalar("SELECT count(*) FROM topics")
+        with writer.transaction() as tx:
+            insert_topic(tx, "t1")
+        assert r.scalar("SELECT count(*) FROM topics") == before == 0
+    assert topic_ids(reader) == ["t1"]

@@ -231,6 +231,15 @@ def test_prepare_consumer_refusals_reserve_nothing(db):
     assert event_states(db, ids) == [("pending", "", 1)]
 
 
+def test_prepare_consumer_refuses_a_bare_string_of_message_ids(db):
+    ids = publish(db, "inbox", "m", "1", "m1")
+    run = consumer(db)
+    with pytest.raises(ValueError, match=r"reservations\['inbox'\] must be a list of message ids"):
+        db.execution.prepare_consumer(run.id, reservations={"inbox": "m1"}, prepare_result=None)
+    assert event_states(db, ids) == [("pending", "", 1)] * 3
+    assert db.handler_runs.get(run.id).phase == "pending"
+
+
 def test_prepare_from_preparing_and_a_second_prepare_is_refused(db):
     run = consumer(db, phase="preparing")
     publish(db, "inbox", "m1", "m2")

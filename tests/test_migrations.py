@@ -141,9 +141,11 @@ def test_misnamed_and_duplicate_files_are_refused(open_db, migrations_dir):
 
 
 def _open_and_report(path, queue):
-    db = Database.open(path)
-    queue.put(db.schema_version)
-    db.close()
+    try:
+        with Database.open(path) as db:
+            queue.put(db.schema_version)
+    except BaseException as error:  # reported through the queue so the assertion shows it
+        queue.put(repr(error))
 
 
 def test_two_processes_opening_a_fresh_file_apply_each_migration_once(tmp_path):
@@ -154,7 +156,7 @@ def test_two_processes_opening_a_fresh_file_apply_each_migration_once(tmp_path):
     for p in processes:
         p.start()
     for p in processes:
-        p.join(60)
-    assert [queue.get(timeout=5) for _ in processes] == [latest_version()] * 2
+        p.join(120)
+    assert [queue.get(timeout=30) for _ in processes] == [latest_version()] * 2
     with Database.open(path) as db:
         assert db.connection.execute("SELECT count(*) FROM __engine_migrations").fetchall() == [(latest_version(),)]

@@ -292,3 +292,19 @@ def test_an_audit_error_keeps_the_merge(pair, caplog, monkeypatch):
     sync_until_quiet(pair)
     assert b.db.events.count_pending("wf", "inbox") == 1
     assert "after-merge audit" in caplog.text
+
+
+def test_installing_the_audit_does_not_keep_a_closed_database_alive(tmp_path):
+    import gc
+    import weakref
+
+    from engine import Database
+    from engine.replication import install_audit
+
+    db = Database.open(tmp_path / "leak.db")
+    install_audit(db)
+    ref = weakref.ref(db)
+    db.close()
+    del db
+    gc.collect()
+    assert ref() is None, "the after-apply hook tables hold the database"
