@@ -112,6 +112,9 @@ class ApplyOutcome(msgspec.Struct, frozen=True):
     watermark: int   # our stored watermark for the sender after this page
     impacted: int    # changes that took effect (crsql_rows_impacted)
     fresh: bool      # False for a duplicate or stale page that was acknowledged without applying
+    # Our db_versions (low, high] this merge produced when they hold only the sender's changes
+    # (the after-apply hooks, if any, wrote nothing); None otherwise. See `Outbox.cover`.
+    merged: tuple[int, int] | None = None
 
 
 # -- bookkeeping -------------------------------------------------------------------------
@@ -146,8 +149,10 @@ def forget_received(db: Database, peer: str) -> None:
         tx.execute("UPDATE __sync_peers SET received = 0, updated_at = ? WHERE site_id = ?", (tx.now_ms(), peer))
 
 
-def record_ack(db: Database, peer: str, acked: int) -> None:
-    """Remember that `peer` acknowledged our changes up to our db_version `acked` (for status)."""
+def record_ack(db: Database, peer: str, acked: int, covered: int = 0) -> None:
+    """Remember that `peer` acknowledged our changes up to our db_version `acked` (for status);
+    with `covered`, also that we hold everything of the peer's up to its db_version `covered`
+    (one transaction for both)."""
     with db.transaction() as tx:
         tx.execute(
             "INSERT INTO __sync_peers (site_id, acked, updated_at) VALUES (?, ?, ?) "
@@ -155,6 +160,8 @@ def record_ack(db: Database, peer: str, acked: int) -> None:
             "updated_at = excluded.updated_at",
             (peer, acked, tx.now_ms()),
         )
+        if covered:
+            store_received(tx, peer, covered)
 
 
 def watermarks(db: Database) -> list[PeerWatermark]:
@@ -353,8 +360,9 @@ def _row_size(row: tuple) -> int:
     return size + len(row[0]) + len(row[1]) + len(row[2]) + 48
 
 
-def _take(cursor: Any, max_rows: int, max_bytes: int) -> tuple[list[tuple], bool]:
-    """Rows from `cursor` until one passes a bound; (rows, exhausted). Closes the cursor."""
+def _take(cursor: Any, max_rows: int, max_bytes: int, *, close: bool = True) -> tuple[list[tuple], bool]:
+    """Rows from `cursor` until one passes a bound; (rows, exhausted). Closes the cursor
+    unless `close` is false."""
     rows: list[tuple] = []
     size = 0
     try:
@@ -365,7 +373,8 @@ def _take(cursor: Any, max_rows: int, max_bytes: int) -> tuple[list[tuple], bool
                 return rows, False
         return rows, True
     finally:
-        cursor.close()
+        if close:
+            cursor.close()
 
 
 class _Split(msgspec.Struct):
@@ -391,15 +400,18 @@ class Outbox:
         self.limits = limits
         self.echo = echo if echo is not None else EchoRanges()
         self._own = site_bytes(db.site_id)
-        self.acked = self.scanned = self.sent_upto = since
+        self.acked = self.scanned = self.sent_upto = self.claimed = since
         self.ceiling: int | None = None  # read nothing newer than this db_version (file export)
+        self.rows_read = 0  # rows read from crsql_changes (diagnostics, tests)
         self._split: _Split | None = None
+        self._carry: list[tuple] = []  # the whole group `scanned` read past a page's bound, unsent
 
     def next_page(self, *, marker: bool) -> Changes | None:
         """The next page, or None when the receiver is known to hold everything. With
         `marker`, an empty `caught_up` page is produced rather than None (ends an initial round)."""
         if self._split is not None:
             return self._next_part()
+        carry, self._carry = self._carry, []
         with self.db.reading() as s:
             snap = s.scalar("SELECT crsql_db_version()")
             if self.ceiling is not None:
@@ -409,30 +421,75 @@ class Outbox:
                 # Nothing new to read. An empty page still moves the receiver's watermark over
                 # versions that held nothing for it (its own changes, echoes), so the next
                 # session does not re-read them; and it ends an initial round (`marker`).
-                if marker or self.acked < snap:
-                    return self._page([], snap, caught_up=True)
+                # Versions the receiver was told it holds (`claimed`) need no page.
+                if carry or marker or max(self.acked, self.claimed) < snap:
+                    return self._page(carry, snap, caught_up=True)
                 return None
             echo, params = self.echo.clause(self.scanned, self._own)
             cursor = s.connection.execute(_SELECT_PAGE.format(echo=echo), (self.scanned, snap, self.receiver) + params)
-            rows, exhausted = _take(cursor, self.limits.page_changes, self.limits.page_bytes)
-        if exhausted:
-            self.scanned = snap
-            return self._page(rows, snap, caught_up=True)
-        last = rows[-1][5]
-        cut = len(rows) - 1
-        while cut > 0 and rows[cut - 1][5] == last:
-            cut -= 1
+            try:
+                rows, exhausted = _take(cursor, self.limits.page_changes - len(carry),
+                                        self.limits.page_bytes - sum(map(_row_size, carry)), close=False)
+                self.rows_read += len(rows)
+                rows[:0] = carry
+                if exhausted:
+                    self.scanned = snap
+                    return self._page(rows, snap, caught_up=True)
+                last = rows[-1][5]
+                cut = len(rows) - 1
+                while cut > 0 and rows[cut - 1][5] == last:
+                    cut -= 1
+                if cut == 0:
+                    pass  # one group past the bound: split below, outside this read
+                elif self._finish_group(cursor, rows, cut):
+                    self._carry = rows[cut:]
+                    self.scanned = last  # read through `last`; the carried group starts the next page
+                else:
+                    self.scanned = last - 1  # versions between the kept rows and `last` hold nothing for the receiver
+            finally:
+                cursor.close()
         if cut == 0:
             return self._start_split(last)
         del rows[cut:]
-        self.scanned = last - 1  # versions between the kept rows and `last` hold nothing for the receiver
         return self._page(rows, last - 1)
+
+    def _finish_group(self, cursor: Any, rows: list[tuple], cut: int) -> bool:
+        """Read the rest of the group `rows[cut:]` belongs to, appending it to `rows`, so the
+        next page can start with it instead of reading it again. False when the group does
+        not fit one page (then the next query reads it afresh and splits it into parts).
+        Bounded: at most one page's worth of rows beyond `rows`."""
+        last = rows[-1][5]
+        count = len(rows) - cut
+        size = sum(map(_row_size, rows[cut:]))
+        for row in cursor:
+            self.rows_read += 1
+            if row[5] != last:
+                return True  # that row starts the next group: the next query reads it again
+            rows.append(row)
+            count += 1
+            size += _row_size(row)
+            if count > self.limits.page_changes or size > self.limits.page_bytes:
+                return False
+        return True
+
+    def cover(self, low: int, high: int) -> int:
+        """The receiver merged a page of ours here as our versions (low, high], which hold only
+        its changes: if it holds everything of ours up to `low`, it holds everything up to
+        `high` too. Returns `high` to tell it so (the Ack's `covered`), or 0 when we cannot
+        claim it (a group in parts, versions below `low` neither acknowledged nor claimed).
+        A claim is a fact about what the receiver holds, so an earlier one counts like an ack."""
+        if self._split is not None or self._carry or max(self.acked, self.claimed) < low:
+            return 0
+        self.scanned = max(self.scanned, high)
+        self.claimed = max(self.claimed, high)
+        return high
 
     def acknowledged(self, watermark: int) -> None:
         self.acked = max(self.acked, watermark)
         self.scanned = max(self.scanned, self.acked)
 
     def close(self) -> None:
+        self._carry = []
         if self._split is not None:
             self._drop_split()
 
@@ -521,25 +578,31 @@ class Inbox:
         with self.db.transaction() as tx:
             before = tx.scalar("SELECT crsql_db_version()")
             tx.executemany(INSERT_CHANGES, page.rows)
-            impacted = self._impacted(tx, before)
+            impacted, high = self._impacted(tx, before)
             store_received(tx, self.sender, page.upto)
+            writes = tx.connection.total_changes()  # a hook may write local changes at these versions
             run_after_apply(self.db, tx, ((r[0], r[1]) for r in page.rows))
-        return ApplyOutcome(max(watermark, page.upto), impacted, True)
+            pure = tx.connection.total_changes() == writes
+        merged = (before, high) if impacted and pure else None
+        return ApplyOutcome(max(watermark, page.upto), impacted, True, merged)
 
     def close(self) -> None:
         if self._staging is not None:
             self._discard_staging()
 
-    def _impacted(self, tx: Tx, before: int) -> int:
-        """Changes that took effect in this merge; remembers the versions they got (echo).
+    def _impacted(self, tx: Tx, before: int) -> tuple[int, int]:
+        """Changes that took effect in this merge and the highest version they got; remembers
+        the versions (echo).
 
         The transaction holds the write lock, so every version after `before` up to the
         pending one is this merge's.
         """
         impacted = tx.scalar("SELECT crsql_rows_impacted()")
-        if impacted:
-            self.echo.add(before, tx.scalar("SELECT crsql_next_db_version()"))
-        return impacted
+        if not impacted:
+            return 0, before
+        high = tx.scalar("SELECT crsql_next_db_version()")
+        self.echo.add(before, high)
+        return impacted, high
 
     def _check_contiguous(self, page: Changes, watermark: int) -> None:
         if page.since > watermark:
@@ -590,7 +653,7 @@ class Inbox:
             for chunk in self._staged_chunks(tx):
                 tx.executemany(INSERT_CHANGES, chunk)
             tx.executemany(INSERT_CHANGES, page.rows)
-            impacted = self._impacted(tx, before)
+            impacted, _ = self._impacted(tx, before)
             store_received(tx, self.sender, page.upto)
             if after_apply_hooks(self.db):
                 self._report_staged(tx)

@@ -22,7 +22,10 @@ Messages:
     Ack(upto, part, watermark, applied)
         The receiver applied (or staged) the page (upto, part); `watermark` is now its stored
         watermark for the sender; `applied` counts the changes that took effect. Acks, not
-        sends, advance what the sender assumes the receiver has.
+        sends, advance what the sender assumes the receiver has. `covered` (0: no claim) is the
+        *acknowledging* side's db_version up to which the page's sender now holds everything
+        the acknowledging side has for it (the merge of this page only re-stamped the sender's
+        own changes); the sender may store it as its watermark, saving an empty page back.
     Error(code, message)
         A refusal. The sender of an Error stops; the receiver raises the matching SyncError.
 
@@ -121,6 +124,7 @@ class Ack(msgspec.Struct, tag="ack", array_like=True, frozen=True):
     part: _U63
     watermark: _U63
     applied: _U63 = 0
+    covered: _U63 = 0
 
 
 class Error(msgspec.Struct, tag="error", array_like=True, frozen=True):

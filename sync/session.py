@@ -56,7 +56,9 @@ missed. Merges applied by this session are committed too and relay to the other
 connected peers' sessions through the same notification (a change never goes back to
 the site it came from: the page query excludes the receiver's own site id, and rows this
 session merged from the peer are not echoed back). A page may be empty: it only moves
-the peer's watermark over versions that held nothing for it.
+the peer's watermark over versions that held nothing for it. In LIVE state the Ack of a
+merged page says so instead when it can (`Ack.covered`: the merge only re-stamped the
+peer's own changes), so a live write costs one page and one ack per link, not two of each.
 
 Watermarks: each side stores, per peer, the peer's db_version up to which it applied the
 peer's pages, in the same transaction as the merge. If a peer announces a db_version
@@ -280,7 +282,8 @@ class Session:
             self.result.applied += outcome.impacted
             self.result.pages_received += 1
             self._report()
-        out = [self._encode(Ack(page.upto, page.part, outcome.watermark, outcome.impacted))]
+        covered = self._covered(outcome.merged)
+        out = [self._encode(Ack(page.upto, page.part, outcome.watermark, outcome.impacted, covered))]
         if page.caught_up and not page.more_parts and not self._recv_done:
             self._recv_done = True
             if self.role is Role.CLIENT:
@@ -305,7 +308,7 @@ class Session:
         self._report()
         self._outbox.acknowledged(ack.watermark)
         if not page.more_parts:
-            record_ack(self.db, self.remote.site_id, ack.watermark)
+            record_ack(self.db, self.remote.site_id, ack.watermark, ack.covered)
         if page.caught_up and not page.more_parts:
             self._send_done = True
         out = self._pump() if self._sending_allowed() else []
@@ -313,6 +316,18 @@ class Session:
         return out
 
     # -- sending -------------------------------------------------------------------------
+
+    def _covered(self, merged: tuple[int, int] | None) -> int:
+        """Live mode: the db_version the Ack may tell the peer it holds all of ours up to.
+
+        Merging its page moved our db_version over versions holding only its own changes;
+        without this claim our next `local_changes()` would send an empty page back just to
+        move its watermark (a message, an ack and two commits per live write). 0: no claim
+        (one-shot rounds keep their exact page-by-page watermarks).
+        """
+        if merged is None or self.state is not State.LIVE or self._in_flight is not None or self._outbox is None:
+            return 0
+        return self._outbox.cover(*merged)
 
     def _sending_allowed(self) -> bool:
         return self._may_send and (not self._send_done or self.live)
