@@ -34,7 +34,7 @@ import msgspec
 
 from .database import Session
 from .events import CONSUMED, PENDING, RESERVED, SKIPPED
-from .execution import PRE_MUTATION_PHASES
+from .execution import past_mutation_boundary
 
 __all__ = [
     "HOLD",
@@ -42,7 +42,6 @@ __all__ = [
     "RunFacts",
     "Claim",
     "claim_kind",
-    "past_boundary",
     "load_runs",
     "load_workflow_runs",
     "listed_events",
@@ -93,18 +92,13 @@ def _marks(items: list) -> str:
     return ", ".join("?" * len(items))
 
 
-def past_boundary(run: RunFacts) -> bool:
-    """Whether a consumer run may have performed its side effect (same rule as the model's)."""
-    return run.handler_type == "consumer" and run.phase not in PRE_MUTATION_PHASES
-
-
 def claim_kind(run: RunFacts, has_retry: bool) -> str | None:
     """HOLD, FINAL or None: what the run claims on the events it recorded (module docstring)."""
     if run.handler_type != "consumer" or has_retry or run.mutation_outcome == "failure":
         return None
     if run.status == "committed":
         return FINAL
-    if run.status == "active" or past_boundary(run):
+    if run.status == "active" or past_mutation_boundary(run):
         return HOLD
     return None
 
@@ -247,7 +241,7 @@ def active_creators(s: Session, workflow_id: str | None = None) -> dict[str, str
 def rank(claim: Claim, owner: str | None, roots: dict[str, RunFacts], made_by: dict[str, str]) -> tuple:
     """Sort key of a claim: the smallest wins (see the module docstring)."""
     run = claim.run
-    progress = 0 if claim.kind == FINAL else 1 if past_boundary(run) else 2
+    progress = 0 if claim.kind == FINAL else 1 if past_mutation_boundary(run) else 2
     root = roots.get(run.id, run)
     by_owner = 0 if owner is not None and made_by.get(run.id) == owner else 1
     return (progress, by_owner, root.start_timestamp, root.id, run.start_timestamp, run.id)

@@ -91,7 +91,9 @@ class RecoverySummary(msgspec.Struct, frozen=True):
 
 
 def past_mutation_boundary(run: HandlerRun) -> bool:
-    """Whether the run may have performed its side effect (so its events must stay reserved)."""
+    """Whether the run may have performed its side effect (so its events must stay reserved).
+
+    The one statement of this rule: the after-merge audit ranks contested runs with it too."""
     return run.handler_type == "consumer" and run.phase not in PRE_MUTATION_PHASES
 
 

@@ -52,6 +52,7 @@ from . import claims as c
 from .conflicts import Conflict
 from .database import Database, Session
 from .events import RESERVED
+from .execution import past_mutation_boundary
 from .handler_runs import RUNS
 from .topics import insert_topic
 
@@ -341,7 +342,7 @@ class _Audit:
         current = c.load_runs(self.s, [run.id]).get(run.id)
         if current is None:
             return
-        past = c.past_boundary(current)
+        past = past_mutation_boundary(current)
         if current.status == "active":
             RUNS.update(self.s, run.id, status="paused:reconciliation" if past else "crashed",
                         error=f"stopped by conflict {conflict.id} ({conflict.kind}): {reason}",
