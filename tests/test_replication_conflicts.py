@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import pytest
 from sync.testing import rows
-from test_replication_support import START, assert_converged, close_all, open_replicas, sync_until_quiet
+from test_replication_support import (
+    START,
+    assert_converged,
+    close_all,
+    every,
+    no_violations,
+    open_replicas,
+    sync_until_quiet,
+)
 
 from engine import InvalidTransitionError, NotOwnerError
 from engine.events import event_id
@@ -30,18 +38,6 @@ def trio(tmp_path):
     replicas = open_replicas(tmp_path, 3)
     yield replicas
     close_all(replicas)
-
-
-def every(replicas, read):
-    """`read(db)` on every replica, asserting they agree; returns the common value."""
-    values = [read(r.db) for r in replicas]
-    assert all(v == values[0] for v in values), values
-    return values[0]
-
-
-def no_violations(replicas):
-    for replica in replicas:
-        assert replica.db.execution.check_invariants() == [], replica
 
 
 def consumer(replica, wf="wf"):

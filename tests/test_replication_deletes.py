@@ -15,7 +15,15 @@ from __future__ import annotations
 
 import pytest
 from sync.testing import rows
-from test_replication_support import START, assert_converged, close_all, open_replicas, sync_until_quiet
+from test_replication_support import (
+    START,
+    assert_converged,
+    close_all,
+    every,
+    no_violations,
+    open_replicas,
+    sync_until_quiet,
+)
 
 from engine import NotFoundError
 from engine.events import event_id
@@ -29,17 +37,6 @@ def pair(tmp_path):
     replicas = open_replicas(tmp_path, 2)
     yield replicas
     close_all(replicas)
-
-
-def every(replicas, read):
-    values = [read(r.db) for r in replicas]
-    assert all(v == values[0] for v in values), values
-    return values[0]
-
-
-def no_violations(replicas):
-    for replica in replicas:
-        assert replica.db.execution.check_invariants() == [], replica
 
 
 def messages(db):

@@ -90,6 +90,18 @@ def assert_converged(replicas: list[Replica]) -> dict[str, list[tuple]]:
 # -- what these suites rely on ------------------------------------------------------------------
 
 
+def every(replicas: list[Replica], read) -> object:
+    """`read(db)` on every replica, asserting they agree; returns the common value."""
+    values = [read(r.db) for r in replicas]
+    assert all(v == values[0] for v in values), values
+    return values[0]
+
+
+def no_violations(replicas: list[Replica]) -> None:
+    for replica in replicas:
+        assert replica.db.execution.check_invariants() == [], replica
+
+
 @pytest.fixture
 def three(tmp_path):
     replicas = open_replicas(tmp_path, 3)
