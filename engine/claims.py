@@ -28,11 +28,12 @@ event must end with; every replica computes the same from the same converged row
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import msgspec
 
 from .database import Session
+from .rows import chunks, placeholders
 from .events import CONSUMED, PENDING, RESERVED, SKIPPED
 from .execution import past_mutation_boundary
 
@@ -53,11 +54,9 @@ __all__ = [
     "active_creators",
     "rank",
     "expected_event",
-    "chunks",
 ]
 
 HOLD, FINAL = "hold", "final"
-_CHUNK = 400
 _RUN_COLUMNS = "id, workflow_id, handler_type, phase, status, retry_of, mutation_outcome, start_timestamp, error_type"
 # Clock tables the site lookups may read (a fixed set: the name is pasted into SQL).
 _CLOCKED = frozenset({"handler_runs", "events", "mutations", "topics", "handler_state", "ownership", "conflicts"})
@@ -83,15 +82,6 @@ class Claim(msgspec.Struct, frozen=True):
     kind: str  # HOLD or FINAL
 
 
-def chunks(items: list, size: int = _CHUNK) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def _marks(items: list) -> str:
-    return ", ".join("?" * len(items))
-
-
 def claim_kind(run: RunFacts, has_retry: bool) -> str | None:
     """HOLD, FINAL or None: what the run claims on the events it recorded (module docstring)."""
     if run.handler_type != "consumer" or has_retry or run.mutation_outcome == "failure":
@@ -107,7 +97,7 @@ def load_runs(s: Session, ids: Iterable[str]) -> dict[str, RunFacts]:
     """The runs with these ids that exist here."""
     found: dict[str, RunFacts] = {}
     for chunk in chunks(sorted(set(ids))):
-        for row in s.execute(f"SELECT {_RUN_COLUMNS} FROM handler_runs WHERE id IN ({_marks(chunk)})", chunk):
+        for row in s.execute(f"SELECT {_RUN_COLUMNS} FROM handler_runs WHERE id IN ({placeholders(chunk)})", chunk):
             found[row[0]] = RunFacts(*row)
     return found
 
@@ -147,7 +137,7 @@ def retried(s: Session, ids: Iterable[str]) -> set[str]:
     found: set[str] = set()
     for chunk in chunks(sorted(set(ids))):
         found.update(r[0] for r in s.execute(
-            f"SELECT DISTINCT retry_of FROM handler_runs WHERE retry_of IN ({_marks(chunk)})", chunk))
+            f"SELECT DISTINCT retry_of FROM handler_runs WHERE retry_of IN ({placeholders(chunk)})", chunk))
     return found
 
 
@@ -210,7 +200,7 @@ def column_writers(s: Session, table: str, ids: Iterable[str], columns: Iterable
             f'SELECT p.id, c.col_name, lower(hex(site.site_id)) FROM "{table}__crsql_pks" p'
             f' JOIN "{table}__crsql_clock" c ON c.key = p.__crsql_key'
             " JOIN crsql_site_id site ON site.ordinal = c.site_id"
-            f" WHERE p.id IN ({_marks(chunk)}) AND c.col_name IN ({_marks(cols)})",
+            f" WHERE p.id IN ({placeholders(chunk)}) AND c.col_name IN ({placeholders(cols)})",
             (*chunk, *cols),
         )
         for row_id, column, site in rows:

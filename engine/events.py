@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 
 from .database import Database, Session
-from .rows import Table, deterministic_id, encode_json, require_text
+from .rows import Table, chunks, deterministic_id, encode_json, placeholders, require_text
 from .topics import insert_topic, topic_id
 
 __all__ = [
@@ -47,9 +47,6 @@ __all__ = [
 PENDING, RESERVED, CONSUMED, SKIPPED = "pending", "reserved", "consumed", "skipped"
 STATUSES = (PENDING, RESERVED, CONSUMED, SKIPPED)
 
-# Bound parameters per statement when a list of ids becomes `IN (...)`: far below SQLite's
-# limit, and big enough that chunking is rare.
-_CHUNK = 500
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -90,15 +87,6 @@ def event_id(topic_id: str, message_id: str) -> str:
         ValueError: topic_id or message_id is empty.
     """
     return deterministic_id(require_text("topic_id", topic_id), require_text("message_id", message_id))
-
-
-def _chunks(items: list, size: int = _CHUNK) -> Iterable[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def _marks(items: list) -> str:
-    return ", ".join("?" * len(items))
 
 
 def _unique(values: Iterable[str], name: str) -> list[str]:
@@ -159,8 +147,8 @@ class EventStore:
         ids = [event_id(tid, m) for m in _unique(message_ids, "message_id")]
         found: dict[str, Event] = {}
         with self.db.reading(tx) as s:
-            for chunk in _chunks(ids):
-                for event in EVENTS.query(s, f"id IN ({_marks(chunk)})", chunk):
+            for chunk in chunks(ids):
+                for event in EVENTS.query(s, f"id IN ({placeholders(chunk)})", chunk):
                     found[event.id] = event
         return [found[i] for i in ids if i in found]
 
@@ -219,9 +207,9 @@ class EventStore:
         counts = dict.fromkeys(by_id.values(), 0)
         ids = list(by_id)
         with self.db.reading(tx) as s:
-            for chunk in _chunks(ids):
+            for chunk in chunks(ids):
                 rows = s.execute(
-                    f"SELECT topic_id, count(*) FROM events WHERE topic_id IN ({_marks(chunk)})"
+                    f"SELECT topic_id, count(*) FROM events WHERE topic_id IN ({placeholders(chunk)})"
                     " AND status = ? GROUP BY topic_id", (*chunk, PENDING))
                 for tid, count in rows:
                     counts[by_id[tid]] = count
@@ -236,8 +224,8 @@ class EventStore:
         require_text("workflow_id", workflow_id)
         ids = [topic_id(workflow_id, name) for name in _unique(names, "topic_name")]
         with self.db.reading(tx) as s:
-            for chunk in _chunks(ids):
-                if s.scalar(f"SELECT EXISTS (SELECT 1 FROM events WHERE topic_id IN ({_marks(chunk)})"
+            for chunk in chunks(ids):
+                if s.scalar(f"SELECT EXISTS (SELECT 1 FROM events WHERE topic_id IN ({placeholders(chunk)})"
                             " AND status = ?)", (*chunk, PENDING)):
                     return True
         return False
@@ -307,10 +295,10 @@ class EventStore:
         won: set[str] = set()
         with self.db.transaction(tx) as s:
             now = self.db.clock.now_ms()
-            for chunk in _chunks(wanted):
+            for chunk in chunks(wanted):
                 rows = s.execute(
                     f"UPDATE events SET status = ?, reserved_by_run_id = ?, updated_at = ?"
-                    f" WHERE id IN ({_marks(chunk)}) AND workflow_id = ? AND status = ? RETURNING id",
+                    f" WHERE id IN ({placeholders(chunk)}) AND workflow_id = ? AND status = ? RETURNING id",
                     (RESERVED, run_id, now, *chunk, workflow_id, PENDING))
                 won.update(r[0] for r in rows)
         return [i for i in wanted if i in won]

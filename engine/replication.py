@@ -54,6 +54,7 @@ from .database import Database, Session
 from .events import RESERVED
 from .execution import past_mutation_boundary
 from .handler_runs import RUNS
+from .rows import chunks, placeholders
 from .topics import insert_topic
 
 __all__ = [
@@ -361,8 +362,8 @@ class _Audit:
         if "{}" not in sql:
             return self.s.execute(sql, params)
         out: list[tuple] = []
-        for chunk in c.chunks(ids):
-            out.extend(self.s.execute(sql.format(", ".join("?" * len(chunk))), (*chunk, *params)))
+        for chunk in chunks(ids):
+            out.extend(self.s.execute(sql.format(placeholders(chunk)), (*chunk, *params)))
         return out
 
     def _ids(self, sql: str, ids: Iterable[str], params: tuple = ()) -> list[str]:

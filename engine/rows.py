@@ -10,6 +10,7 @@ id and column) and encoded on write with one reused encoder.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -17,7 +18,7 @@ import msgspec
 from .database import Session
 from .errors import CorruptDataError, InvalidTransitionError, NotFoundError
 
-__all__ = ["deterministic_id", "require_text", "encode_json", "Table", "StateMachine"]
+__all__ = ["deterministic_id", "require_text", "encode_json", "chunks", "placeholders", "Table", "StateMachine"]
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -48,6 +49,22 @@ def require_text(name: str, value: str) -> str:
     if not value:
         raise ValueError(f"{name} must not be empty")
     return value
+
+
+# Bound parameters per statement when a list of ids becomes `IN (...)`: far below SQLite's
+# limit, and big enough that chunking is rare.
+IN_CHUNK = 500
+
+
+def chunks(items: list, size: int = IN_CHUNK) -> Iterator[list]:
+    """`items` in slices of at most `size`, for `IN (...)` lists with bounded parameters."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def placeholders(items: list) -> str:
+    """`?, ?, ?` for the items of an `IN (...)` list."""
+    return ", ".join("?" * len(items))
 
 
 def encode_json(value: Any) -> str:
