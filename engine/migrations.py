@@ -119,7 +119,9 @@ def _apply(connection: apsw.Connection, migration: Migration, now_ms: int) -> in
             return already
         before_tables = set(_user_tables(connection))
         before_crrs = set(crr_tables(connection))
+        shapes = {table: _shape(connection, table) for table in before_crrs}
         _run_script(connection, migration)
+        _check_altered(connection, migration, shapes)
         new_tables = [t for t in _user_tables(connection) if t not in before_tables]
         dropped = before_crrs - set(_user_tables(connection))
         if dropped:
@@ -140,6 +142,40 @@ def _apply(connection: apsw.Connection, migration: Migration, now_ms: int) -> in
         if connection.in_transaction:
             connection.execute("ROLLBACK")
         raise
+
+
+def _shape(connection: apsw.Connection, table: str) -> tuple:
+    """What an ALTER can change about a table: its columns and its indexes."""
+    return (
+        connection.execute(f'PRAGMA table_info("{table}")').fetchall(),
+        connection.execute(f'PRAGMA index_list("{table}")').fetchall(),
+    )
+
+
+def _check_altered(connection: apsw.Connection, migration: Migration, shapes: dict[str, tuple]) -> None:
+    """Refuse a migration that changed a CRR table's columns outside crsql_begin_alter /
+    crsql_commit_alter (cr-sqlite's triggers would silently stop replicating the new
+    columns), and re-check the CRR rules of every CRR table it touched.
+
+    Raises:
+        SchemaError: naming the table (and the offending column or index).
+    """
+    for table, before in shapes.items():
+        if table not in _user_tables(connection):
+            continue  # dropped: reported by the caller
+        after = _shape(connection, table)
+        if after == before:
+            continue
+        if after[0] != before[0]:
+            for function in ("crsql_begin_alter", "crsql_commit_alter"):
+                if not re.search(rf"{function}\(\s*'{re.escape(table)}'\s*\)", migration.sql):
+                    raise SchemaError(
+                        f"migration {migration.name} alters CRR table {table} without "
+                        f"SELECT {function}('{table}'): wrap the ALTER between crsql_begin_alter "
+                        f"and crsql_commit_alter",
+                        table=table,
+                    )
+        check_crr_compatible(connection, table)
 
 
 def _run_script(connection: apsw.Connection, migration: Migration) -> None:

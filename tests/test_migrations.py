@@ -160,3 +160,33 @@ def test_two_processes_opening_a_fresh_file_apply_each_migration_once(tmp_path):
     assert [queue.get(timeout=30) for _ in processes] == [latest_version()] * 2
     with Database.open(path) as db:
         assert db.connection.execute("SELECT count(*) FROM __engine_migrations").fetchall() == [(latest_version(),)]
+
+
+def test_altering_a_crr_table_between_begin_and_commit_alter_replicates_the_new_column(open_db, migrations_dir):
+    (migrations_dir / "0100_color.sql").write_text(
+        "SELECT crsql_begin_alter('topics');\n"
+        "ALTER TABLE topics ADD COLUMN color TEXT NOT NULL DEFAULT '';\n"
+        "SELECT crsql_commit_alter('topics');\n"
+    )
+    db = open_db("a", migrations=migrations_dir)
+    assert db.schema_version == 100
+    with db.transaction() as tx:
+        tx.execute("INSERT INTO topics (id, name, color) VALUES ('t1', 'inbox', 'red')")
+    assert db.connection.execute("SELECT val FROM crsql_changes WHERE cid = 'color'").fetchall() == [("red",)]
+
+
+def test_altering_a_crr_table_outside_begin_and_commit_alter_is_refused(open_db, migrations_dir):
+    (migrations_dir / "0100_color.sql").write_text("ALTER TABLE topics ADD COLUMN color TEXT NOT NULL DEFAULT ''")
+    with pytest.raises(SchemaError, match=r"alters CRR table topics without SELECT crsql_begin_alter\('topics'\)") as info:
+        open_db("a", migrations=migrations_dir)
+    assert info.value.table == "topics"
+    (migrations_dir / "0100_color.sql").unlink()
+    db = open_db("a", migrations=migrations_dir)
+    assert "color" not in [r[1] for r in db.connection.execute("PRAGMA table_info(topics)")]
+
+
+def test_a_unique_index_added_to_a_crr_table_later_is_refused(open_db, migrations_dir):
+    (migrations_dir / "0100_unique.sql").write_text("CREATE UNIQUE INDEX topics_name ON topics (workflow_id, name)")
+    with pytest.raises(SchemaError, match="table topics: unique index topics_name is not allowed") as info:
+        open_db("a", migrations=migrations_dir)
+    assert info.value.index == "topics_name"
