@@ -32,6 +32,7 @@ from .changes import watermarks
 from .errors import SyncError
 from .files import export_changes, import_changes
 from .peer import Peer
+from .protocol import parse_site_id
 from .websocket import connect, serve, sync_with_url
 
 __all__ = [
@@ -135,10 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _site_id(text: str) -> str:
     """argparse type: a replica's site id (32 hex characters)."""
-    site = text.strip().lower()
-    if len(site) != 32 or any(c not in "0123456789abcdef" for c in site):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a site id (32 hex characters)")
-    return site
+    try:
+        return parse_site_id(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_token(parser: argparse.ArgumentParser) -> None:

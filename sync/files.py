@@ -43,7 +43,7 @@ from .changes import (
     received_watermark,
 )
 from .errors import CorruptFileError, SchemaMismatchError, SyncError
-from .protocol import PROTOCOL_VERSION, Changes, SiteHex
+from .protocol import PROTOCOL_VERSION, Changes, SiteHex, parse_site_id
 
 __all__ = ["export_changes", "import_changes", "FileHeader", "FileTrailer", "MAGIC"]
 
@@ -88,9 +88,7 @@ def export_changes(
         ValueError: `for_site` is not a 32-hex-character site id, or is this replica's.
     """
     if for_site is not None:
-        for_site = for_site.lower()
-        if len(for_site) != 32 or any(c not in "0123456789abcdef" for c in for_site):
-            raise ValueError(f"for_site {for_site!r} is not a 32-hex-character site id")
+        for_site = parse_site_id(for_site)
         if for_site == db.site_id:
             raise ValueError("for_site is this replica itself: it has all its own changes")
     ensure_tables(db)

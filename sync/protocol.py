@@ -51,6 +51,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "MAX_MESSAGE_BYTES",
     "SiteHex",
+    "parse_site_id",
     "ChangeRow",
     "Change",
     "Hello",
@@ -72,6 +73,18 @@ MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 _U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 SiteHex = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
+
+
+def parse_site_id(text: str) -> str:
+    """A site id as written by people or files: 32 hex characters, any case, normalized.
+
+    Raises:
+        ValueError: `text` is not a site id.
+    """
+    site = text.strip().lower()
+    if len(site) != 32 or any(c not in "0123456789abcdef" for c in site):
+        raise ValueError(f"{text!r} is not a site id (32 hex characters)")
+    return site
 _SiteBlob = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 _PkBlob = Annotated[bytes, msgspec.Meta(min_length=2)]
