@@ -63,9 +63,11 @@ CHANGE_COLUMNS = '"table", pk, cid, val, col_version, db_version, site_id, cl, s
 INSERT_CHANGES = f"INSERT INTO crsql_changes ({CHANGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _SELECT_PAGE = (
     f"SELECT {CHANGE_COLUMNS} FROM crsql_changes "
-    "WHERE db_version > ? AND db_version <= ? AND site_id IS NOT ?{echo} ORDER BY db_version"
+    "WHERE db_version > ? AND db_version <= ? AND {sites}{echo} ORDER BY db_version"
 )
-_SELECT_GROUP = f"SELECT {CHANGE_COLUMNS} FROM crsql_changes WHERE db_version = ? AND site_id IS NOT ?{{echo}}"
+_SELECT_GROUP = f"SELECT {CHANGE_COLUMNS} FROM crsql_changes WHERE db_version = ? AND {{sites}}{{echo}}"
+_ALL_BUT_RECEIVER = "site_id IS NOT ?"  # a peer gets everything but its own changes
+_OWN_ONLY = "site_id = ?"  # a broadcast stream gets only the changes this replica originated
 DELETE_SENTINEL = "-1"  # cid of a row's existence record: delete (even cl) / create or pk-only row (odd cl)
 _VALUE_TYPES = frozenset({type(None), int, float, str, bytes})
 _INT64 = (-(2**63), 2**63 - 1)
@@ -400,11 +402,23 @@ class Outbox:
         self.limits = limits
         self.echo = echo if echo is not None else EchoRanges()
         self._own = site_bytes(db.site_id)
+        self._sites, self._site_param = _ALL_BUT_RECEIVER, self.receiver
         self.acked = self.scanned = self.sent_upto = self.claimed = since
         self.ceiling: int | None = None  # read nothing newer than this db_version (file export)
         self.rows_read = 0  # rows read from crsql_changes (diagnostics, tests)
         self._split: _Split | None = None
         self._carry: list[tuple] = []  # the whole group `scanned` read past a page's bound, unsent
+
+    @classmethod
+    def own_changes(cls, db: Database, since: int, limits: Limits) -> "Outbox":
+        """The pages of the changes this replica *originated* (site_id = its own) after our
+        db_version `since`, for a medium where every replica publishes only its own changes
+        (a broadcast stream: sync.nats). Relayed changes are left out, so nothing is sent
+        twice and nothing loops. Versions holding only merged changes come out as empty
+        pages; the sender skips them (the next page's range still starts at `acked`)."""
+        outbox = cls(db, db.site_id, since, limits)
+        outbox._sites, outbox._site_param = _OWN_ONLY, outbox._own
+        return outbox
 
     def next_page(self, *, marker: bool) -> Changes | None:
         """The next page, or None when the receiver is known to hold everything. With
@@ -426,7 +440,8 @@ class Outbox:
                     return self._page(carry, snap, caught_up=True)
                 return None
             echo, params = self.echo.clause(self.scanned, self._own)
-            cursor = s.connection.execute(_SELECT_PAGE.format(echo=echo), (self.scanned, snap, self.receiver) + params)
+            cursor = s.connection.execute(_SELECT_PAGE.format(sites=self._sites, echo=echo),
+                                          (self.scanned, snap, self._site_param) + params)
             try:
                 rows, exhausted = _take(cursor, self.limits.page_changes - len(carry),
                                         self.limits.page_bytes - sum(map(_row_size, carry)), close=False)
@@ -501,8 +516,8 @@ class Outbox:
         name = f"__sync_out_{next(_temp_names)}"
         echo, params = self.echo.clause(version - 1, self._own)
         with self.db.reading() as s:
-            s.execute(f'CREATE TEMP TABLE "{name}" AS ' + _SELECT_GROUP.format(echo=echo),
-                      (version, self.receiver) + params)
+            s.execute(f'CREATE TEMP TABLE "{name}" AS ' + _SELECT_GROUP.format(sites=self._sites, echo=echo),
+                      (version, self._site_param) + params)
         self._split = _Split(name, version, since=self.acked)
         return self._next_part()
 

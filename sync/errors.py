@@ -9,6 +9,7 @@
     ├── ApplyError                 merging valid changes failed locally (code "apply_failed")
     ├── CorruptFileError           an export file is truncated, tampered or not ours (code "corrupt_file")
     ├── TransportError             could not connect, connection lost or closed mid-round (carries `url`)
+    ├── StreamGapError             a NATS stream no longer holds changes this replica lacks (sync.nats)
     └── PeerRefusedError           the remote sent an Error message: carries `code` and `message`
 
 A refusal received from the remote is raised as `PeerRefusedError` combined with the local
@@ -36,6 +37,7 @@ __all__ = [
     "ApplyError",
     "CorruptFileError",
     "TransportError",
+    "StreamGapError",
     "PeerRefusedError",
     "refusal",
 ]
@@ -125,6 +127,23 @@ class TransportError(SyncError):
     def __init__(self, message: str, *, url: str = ""):
         self.url = url
         super().__init__(message)
+
+
+class StreamGapError(SyncError):
+    """A stream page of `origin` starts after what this replica holds of that origin: the pages
+    in between left the stream (retention) before this replica read them. Nothing is applied;
+    a bootstrap from a peer that holds them closes the gap (sync.nats)."""
+
+    code = "stream_gap"
+    permanent = True
+
+    def __init__(self, origin: str, since: int, held: int, hint: str = ""):
+        self.origin, self.since, self.held = origin, since, held
+        super().__init__(
+            f"the stream's next page of site {origin} starts after its db_version {since}, but this "
+            f"replica holds its changes only up to {held}: the pages in between are no longer in the "
+            f"stream" + (f"; {hint}" if hint else "")
+        )
 
 
 class PeerRefusedError(SyncError):
