@@ -4,21 +4,25 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXT := extensions/crsqlite.so
 
-.PHONY: test demo bench extension venv clean
+.PHONY: test demo bench extension venv nats-server clean
 
-test: extension venv
+test: extension venv nats-server
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: extension venv
 	$(PY) -m sync.demo
 
 # make bench [BENCH=B1,B3] [BENCH_QUICK=1]: benchmarks vs baselines; not part of `make test`.
-bench: extension venv
+bench: extension venv nats-server
 	$(PY) bench/run.py $(BENCH) $(if $(filter-out 0,$(BENCH_QUICK)),--quick)
 
 # build.sh decides itself whether anything changed (it keeps a stamp of its inputs).
 extension:
 	@bash extensions/build.sh
+
+# The NATS tests and benchmark start a real `nats-server -js` (Debian package); installed if missing.
+nats-server:
+	@bash tools/install-nats-server.sh
 
 venv: $(VENV)/.installed
 

@@ -1,0 +1,304 @@
+"""Reading the stream: the replica's durable push consumer, acks, re-pinning and gaps.
+
+Messages are handled one at a time, in delivery order: check the origin and the schema header,
+decode the page, merge it on the database thread (sync.nats.receiving), then ack. The ack
+follows the commit, so a message acked is a message merged; one merged but not acked (a crash,
+a dropped connection) comes again and is a no-op.
+
+The consumer's delivery sequence must have no holes: a hole means a delivery was lost (the
+connection dropped with messages in flight) and the server would only redeliver it after the ack
+wait. Then, and after every reconnect, the consumer is re-pinned at the replica's resume point
+(`pin_consumer`): what was handled already is skipped by stream sequence.
+
+A message that cannot be merged is refused: one line in the log, the typed error kept in
+`refusals`, the message terminated (never redelivered) and nothing applied. A refused page of a
+real origin leaves that origin's next page with a gap, which stops the replica rather than
+skipping data. A page of another schema stops the replica at once (`SchemaMismatchError`):
+migrate it and restart; it resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from engine.database import Database
+
+from ..changes import ApplyOutcome
+from ..errors import ProtocolError, SchemaMismatchError, StreamGapError, SyncError, TransportError
+from ..protocol import Changes, decode
+from .bootstrap import Checkpoints, bootstrap
+from .layout import (
+    SCHEMA_HEADER,
+    TRANSIENT_ERRORS,
+    consumer_name,
+    origin_of,
+    pin_consumer,
+    retry_transient,
+    stream_name,
+)
+from .receiving import Step, StreamInbox
+
+__all__ = ["Consumer", "BootstrapSource"]
+
+log = logging.getLogger("sync.nats")
+RunDb = Callable[..., Awaitable[Any]]
+_BATCH_MESSAGES = 64  # deliveries merged in one transaction at most
+_BATCH_BYTES = 8 * 1024 * 1024
+
+
+class BootstrapSource:
+    """Where to close a gap: a WebSocket peer (`ws://host:port`) and its token."""
+
+    def __init__(self, url: str, token: str | None = None, attempts: int = 3):
+        self.url, self.token, self.attempts = url, token, attempts
+
+
+class Consumer:
+    """Drives this replica's durable consumer; see the module docstring."""
+
+    def __init__(self, db: Database, nc: NatsClient, js: JetStreamContext, name: str, inbox: StreamInbox,
+                 run_db: RunDb, *, ack_wait: float, max_ack_pending: int, idle_check: float, checkpoints: Checkpoints,
+                 source: BootstrapSource | None, on_applied: Callable[[Changes, ApplyOutcome], None],
+                 refusals: deque[SyncError], counts: Counter[str]):
+        self.db = db
+        self.nc = nc
+        self.js = js
+        self.name = name
+        self.inbox = inbox
+        self.run_db = run_db
+        self.ack_wait = ack_wait
+        self.max_ack_pending = max_ack_pending
+        self.idle_check = idle_check
+        self.checkpoints = checkpoints
+        self.source = source
+        self.on_applied = on_applied
+        self.pinned = asyncio.Event()  # set once the consumer delivers to us
+        self.refusals = refusals  # the replica's: the last refused messages' errors
+        self.counts = counts  # the replica's: repins, bootstraps, refused
+        self._repin = True
+        self._sub: Any = None
+        self._expected = 1  # the next consumer (delivery) sequence
+        self._gap_attempts: dict[tuple[str, int], int] = {}
+        self._schema = db.schema_fingerprint
+
+    def repin(self) -> None:
+        """Re-pin at the resume point before the next message (after a reconnect)."""
+        self._repin = True
+
+    async def run(self) -> None:
+        """Read and merge until cancelled.
+
+        Raises:
+            SchemaMismatchError: a page of another schema (this replica must migrate).
+            StreamGapError: pages this replica lacks left the stream and no bootstrap closed the gap.
+            ApplyError: a merge failed here (an after-apply hook raised).
+        """
+        loop = asyncio.get_running_loop()
+        idle_since = loop.time()
+        try:
+            while True:
+                if self._repin:
+                    await retry_transient(self._pin, what=f"pinning the consumer of {self.db.site_id}")
+                    idle_since = loop.time()
+                try:
+                    msg = await self._sub.next_msg(timeout=min(1.0, self.idle_check))
+                except nats.errors.TimeoutError:
+                    if loop.time() - idle_since >= self.idle_check:
+                        idle_since = loop.time()
+                        await self._check_delivering()
+                    continue
+                idle_since = loop.time()
+                await self._handle(await self._with_queued(msg))
+        finally:
+            await self._unsubscribe()
+
+    async def _with_queued(self, first: Msg) -> list[Msg]:
+        """`first` and the deliveries already queued behind it (bounded): merged as one batch,
+        in one transaction, which is what keeps up with a busy stream."""
+        batch, size = [first], len(first.data)
+        while self._sub.pending_msgs and len(batch) < _BATCH_MESSAGES and size < _BATCH_BYTES:
+            batch.append(await self._sub.next_msg(timeout=1.0))
+            size += len(batch[-1].data)
+        return batch
+
+    async def _check_delivering(self) -> None:
+        """Idle for a while: re-pin if the consumer is gone or holds messages it does not
+        deliver (removed by an operator, a subscription dropped as a slow consumer, ...)."""
+        try:
+            info = await self.js.consumer_info(stream_name(self.name), consumer_name(self.db.site_id))
+        except nats.js.errors.NotFoundError:
+            info = None
+        except TRANSIENT_ERRORS:
+            return
+        if info is None or (info.num_pending and not info.num_ack_pending):
+            log.info("consumer of %s is %s; re-pinning", self.db.site_id,
+                     "gone" if info is None else f"not delivering {info.num_pending} pending messages")
+            self._repin = True
+
+    async def _pin(self) -> None:
+        await self._unsubscribe()
+        start = self.inbox.resume
+        try:
+            last = (await self.js.stream_info(stream_name(self.name))).state.last_seq
+        except nats.js.errors.NotFoundError:  # deleted under us: reconnecting creates it again
+            raise TransportError(f"stream {stream_name(self.name)} is gone") from None
+        if start > last + 1:  # the stream is younger than our position: it was deleted and created anew
+            log.warning("stream %s ends at sequence %d, before our resume point %d (recreated?); "
+                        "reading it from the start", stream_name(self.name), last, start)
+            await self.run_db(self.inbox.restart_at, 1)
+            start = 1
+        self._sub = await pin_consumer(self.js, self.name, self.db.site_id, start,
+                                       deliver_subject=self.nc.new_inbox(), ack_wait=self.ack_wait,
+                                       max_ack_pending=self.max_ack_pending)
+        self._expected = 1
+        self._repin = False
+        self.counts["repins"] += 1
+        self.pinned.set()
+        log.debug("consumer of %s pinned at stream sequence %d", self.db.site_id, start)
+
+    async def _unsubscribe(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except (nats.errors.Error, *TRANSIENT_ERRORS) as error:
+                log.debug("unsubscribing: %s", error)
+
+    async def _handle(self, batch: list[Msg]) -> None:
+        """Merge a batch of deliveries, then ack (or terminate) each one handled.
+
+        Raises:
+            SchemaMismatchError: a page of another schema (the deliveries before it are handled).
+            StreamGapError: see `_close_gap`.
+        """
+        steps: list[Step] = []
+        msgs: list[Msg] = []
+        refused: dict[int, SyncError] = {}
+        mismatch: SchemaMismatchError | None = None
+        for msg in batch:
+            seq = self._delivery(msg)
+            if self._repin:
+                break  # deliveries were lost: the rest of the batch comes again after re-pinning
+            if seq is None:
+                continue
+            try:
+                steps.append(self._step(msg, seq))
+            except SchemaMismatchError as error:
+                mismatch = error
+                break
+            except ProtocolError as error:  # MessageTooLargeError too
+                refused[len(steps)] = error
+                steps.append(Step(seq))
+            msgs.append(msg)
+        if steps:
+            applied = await self.run_db(self.inbox.apply_all, steps)
+            refused.update(applied.refused)
+            for index in range(applied.handled):
+                if index in refused:
+                    await self._refuse(msgs[index], steps[index].seq, refused[index])
+                    continue
+                if applied.outcomes[index] is not None:
+                    self.on_applied(steps[index].page, applied.outcomes[index])
+                await self._ack(msgs[index])
+            if applied.gap is not None:
+                await self._close_gap(applied.gap)
+                return
+        if mismatch is not None:
+            raise mismatch
+
+    def _delivery(self, msg: Msg) -> int | None:
+        """The stream sequence of `msg`, or None when it is no delivery in order (a status
+        message, a delivery of an earlier pinning). A hole in the delivery sequence asks for a
+        re-pin."""
+        try:
+            meta = msg.metadata
+        except nats.errors.NotJSMessageError:
+            return None
+        if meta.sequence.consumer != self._expected:
+            if meta.sequence.consumer > self._expected:  # deliveries were lost in flight
+                log.info("consumer of %s: delivery %d arrived, expected %d; re-pinning",
+                         self.db.site_id, meta.sequence.consumer, self._expected)
+                self._repin = True
+            return None
+        self._expected += 1
+        return meta.sequence.stream
+
+    def _step(self, msg: Msg, seq: int) -> Step:
+        """What the delivery at `seq` asks of the database.
+
+        Raises:
+            SchemaMismatchError: the page's schema header names another schema.
+            ProtocolError: a bad subject, no schema header, an undecodable or oversized page.
+        """
+        if self.inbox.seen(seq):
+            return Step(seq)
+        origin = origin_of(self.name, msg.subject)
+        if origin == self.db.site_id:
+            return Step(seq)
+        self._check_schema(origin, msg.headers or {})
+        page = decode(msg.data, max_bytes=self.inbox.limits.max_message_bytes)
+        if not isinstance(page, Changes):
+            raise ProtocolError(f"expected a changes page on {msg.subject}, got {type(page).__name__.lower()}")
+        return Step(seq, origin, page)
+
+    def _check_schema(self, origin: str, headers: dict[str, str]) -> None:
+        value = headers.get(SCHEMA_HEADER)
+        if value is None:
+            raise ProtocolError(f"a message of site {origin} lacks the {SCHEMA_HEADER} header")
+        version, _, fingerprint = value.partition(":")
+        if fingerprint != self._schema:
+            raise SchemaMismatchError(
+                f"schema mismatch: site {origin} publishes schema version {version} (fingerprint "
+                f"{fingerprint}), this replica {self.db.site_id} has schema version {self.db.schema_version} "
+                f"(fingerprint {self._schema}); migrate both to the same version",
+                local_fingerprint=self._schema, remote_fingerprint=fingerprint,
+                local_version=self.db.schema_version, remote_version=int(version) if version.isdigit() else 0,
+            )
+
+    async def _refuse(self, msg: Msg, seq: int, error: SyncError) -> None:
+        log.error("refused message %d on %s: %s", seq, msg.subject, error)
+        self.refusals.append(error)
+        self.counts["refused"] += 1
+        try:
+            await msg.term()
+        except TRANSIENT_ERRORS as failure:
+            log.debug("terminating message %d: %s", seq, failure)
+
+    async def _ack(self, msg: Msg) -> None:
+        try:
+            await msg.ack()
+        except TRANSIENT_ERRORS as error:  # not acked: redelivered later, then skipped
+            log.debug("ack: %s", error)
+
+    async def _close_gap(self, gap: StreamGapError) -> None:
+        """Bootstrap from the configured peer and read the stream again, or stop.
+
+        Raises:
+            StreamGapError: no bootstrap peer, or bootstraps did not cover the origin.
+        """
+        if self.source is None:
+            raise StreamGapError(gap.origin, gap.since, gap.held,
+                                 "start this replica with a bootstrap peer (crdt-sync nats --bootstrap ws://HOST:PORT)")
+        key = (gap.origin, gap.since)
+        tried = self._gap_attempts.get(key, 0)
+        if tried >= self.source.attempts:
+            raise StreamGapError(gap.origin, gap.since, gap.held,
+                                 f"{tried} bootstraps from {self.source.url} did not bring that origin's changes")
+        self._gap_attempts[key] = tried + 1
+        if tried:  # the peer's checkpoint may lag its merges by a checkpoint interval
+            await asyncio.sleep(min(2.0, 0.25 * 2 ** tried))
+        log.warning("%s; bootstrapping from %s", gap, self.source.url)
+        await bootstrap(self.db, self.source.url, self.source.token, self.checkpoints, self.run_db)
+        self.counts["bootstraps"] += 1
+        await self.run_db(self.inbox.restart_at, 1)
+        self._repin = True

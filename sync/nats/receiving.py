@@ -1,0 +1,186 @@
+"""Merging what a replica reads from the stream: one Inbox per origin, parts, the resume point.
+
+Runs on the replica's database thread; every method is synchronous and called one at a time.
+
+Each origin publishes only its own changes, in order, as pages `(since, upto]` of its
+db_versions (sync.protocol `Changes`). The Inbox of that origin (sync.changes) validates and
+merges a page and stores the origin's watermark in the same transaction; here that transaction
+also stores the stream sequence to resume from, so a crash at any point re-reads, never skips.
+
+Rules on top of the Inbox, all decided by stream sequence (a message's place in the stream):
+
+- A message at or below `done` was handled already (a redelivery, or a re-read after the
+  consumer was re-pinned): it needs nothing.
+- A page whose range starts after our watermark for its origin is a gap: the pages in between
+  left the stream. `StreamGapError`, nothing applied (the caller bootstraps or stops).
+- A group too large for one message comes as parts 0..n; the parts are staged and the group
+  merged in one transaction with the last one. While parts are staged, the resume point stays
+  at part 0 (staged parts do not survive a restart: the Inbox drops them).
+- A whole page or a new part 0 of an origin whose parts are still staged means the origin
+  started over (its publisher restarted mid-group and re-read the group, perhaps split
+  differently): the staged parts are dropped and the new message is taken as it comes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from engine.database import Database
+
+import msgspec
+
+from ..changes import ApplyOutcome, CrrSchema, Inbox, Limits
+from ..errors import InvalidChangeError, ProtocolError, StreamGapError
+from ..protocol import Changes, site_bytes
+from .positions import origin_key, origin_watermark, promote_peers, store_resume
+
+__all__ = ["StreamInbox", "Step", "Applied"]
+
+log = logging.getLogger("sync.nats")
+
+
+class Step(msgspec.Struct, frozen=True):
+    """One delivery to handle: the page of `origin` found at stream sequence `seq`, or
+    (`page` None) a message that needs nothing here (our own page, a refused message)."""
+
+    seq: int
+    origin: str = ""
+    page: Changes | None = None
+
+
+class Applied(msgspec.Struct):
+    """What `apply_all` did: per step its outcome (None: nothing to merge, refused, or not
+    handled), the refusals by step index, and a gap that ended the batch at step `handled`."""
+
+    outcomes: list[ApplyOutcome | None]
+    refused: dict[int, ProtocolError]
+    handled: int = 0
+    gap: StreamGapError | None = None
+
+
+class StreamInbox:
+    """What one replica has merged from one stream."""
+
+    def __init__(self, db: Database, stream: str, schema: CrrSchema, limits: Limits, resume: int):
+        self.db = db
+        self.stream = stream
+        self.schema = schema
+        self.limits = limits
+        self.done = resume - 1  # every stream sequence up to here is merged or needed nothing
+        self.progressed = False  # a watermark moved since the last checkpoint was written
+        self._stored_resume = resume
+        self._inboxes: dict[str, Inbox] = {}
+        self._parts_from: dict[str, int] = {}  # origin -> stream sequence of the part 0 being staged
+
+    @property
+    def resume(self) -> int:
+        """Where reading must restart for nothing to be missed."""
+        return min([self.done + 1, *self._parts_from.values()])
+
+    def seen(self, seq: int) -> bool:
+        return seq <= self.done
+
+    def apply_all(self, steps: list[Step]) -> Applied:
+        """Handle `steps` (consecutive deliveries, in order) in one transaction: merge or stage
+        each page, pass over what needs nothing, store the resume point. A step whose page is
+        refused leaves the others alone; a gap ends the batch before that step (the steps
+        after it are not handled).
+
+        Raises:
+            ApplyError: an after-apply hook failed (the whole batch rolled back).
+            apsw.Error: the database failed (the whole batch rolled back).
+        """
+        applied = Applied(outcomes=[None] * len(steps), refused={})
+        with self.db.transaction() as tx:
+            for index, step in enumerate(steps):
+                if step.page is not None:
+                    try:
+                        applied.outcomes[index] = self._apply(step.origin, step.page)
+                    except StreamGapError as gap:
+                        applied.gap, applied.handled = gap, index
+                        break
+                    except ProtocolError as error:  # InvalidChangeError too; its savepoint rolled back
+                        applied.refused[index] = error
+                    else:
+                        self._track_parts(step, applied.outcomes[index])
+                self.done = max(self.done, step.seq)
+                applied.handled = index + 1
+            store_resume(tx, self.stream, self.resume)
+        self._stored_resume = self.resume
+        self.progressed |= any(outcome is not None and outcome.fresh for outcome in applied.outcomes)
+        return applied
+
+    def _apply(self, origin: str, page: Changes) -> ApplyOutcome:
+        """Merge (or stage) one page of `origin`.
+
+        Raises:
+            StreamGapError: the page starts after what we hold of the origin (nothing applied).
+            InvalidChangeError: a change of another site than the subject's, or one this
+                schema cannot hold (nothing applied).
+            ProtocolError: parts out of order within a group.
+        """
+        expected = site_bytes(origin)
+        if any(row[6] != expected for row in page.rows):
+            raise InvalidChangeError(f"a page on the subject of site {origin} carries changes of another site")
+        staging = origin in self._parts_from
+        if staging and page.part == 0:
+            log.info("site %s published anew while parts of a group were staged here "
+                     "(its publisher restarted?): dropping the staged parts", origin)
+            self._start_over(origin)
+        elif not staging and page.part > 0:
+            self._check_gap(origin, page, starts_group=False)
+        if page.part == 0:
+            self._check_gap(origin, page, starts_group=True)
+        return self._inbox(origin).apply(page)
+
+    def _track_parts(self, step: Step, outcome: ApplyOutcome) -> None:
+        """Remember where the group being staged started, so that reading resumes there."""
+        page = step.page
+        if page.more_parts and page.part == 0 and outcome.fresh:
+            self._parts_from[step.origin] = step.seq
+        elif not page.more_parts and outcome.fresh:
+            self._parts_from.pop(step.origin, None)
+
+    def flush(self) -> None:
+        """Store the resume point if skipped messages moved it (they write nothing themselves)."""
+        if self.resume != self._stored_resume:
+            with self.db.transaction() as tx:
+                store_resume(tx, self.stream, self.resume)
+            self._stored_resume = self.resume
+
+    def restart_at(self, seq: int) -> None:
+        """Forget every staged part and read the stream again from `seq` (after a bootstrap:
+        pages dropped as gaps before it may apply now)."""
+        for origin in list(self._inboxes):
+            self._start_over(origin)
+        self.done = seq - 1
+        with self.db.transaction() as tx:
+            store_resume(tx, self.stream, seq)
+        self._stored_resume = seq
+
+    def close(self) -> None:
+        """Store the resume point; staged parts stay until the next start drops them."""
+        self.flush()
+
+    def _inbox(self, origin: str) -> Inbox:
+        inbox = self._inboxes.get(origin)
+        if inbox is None:  # a new Inbox drops parts a crashed run left staged for this origin
+            inbox = self._inboxes[origin] = Inbox(self.db, origin_key(origin), self.schema, self.limits)
+        return inbox
+
+    def _start_over(self, origin: str) -> None:
+        self._inboxes.pop(origin, None)
+        self._parts_from.pop(origin, None)
+
+    def _check_gap(self, origin: str, page: Changes, *, starts_group: bool) -> None:
+        """Raises StreamGapError when `page` cannot follow what we hold of `origin`."""
+        held = origin_watermark(self.db, origin)
+        if page.upto <= held:
+            return  # a duplicate: the Inbox acknowledges it without applying
+        if starts_group and page.since <= held:
+            return
+        promote_peers(self.db)  # changes synced from the origin directly count too
+        held = origin_watermark(self.db, origin)
+        if page.upto <= held or (starts_group and page.since <= held):
+            return
+        raise StreamGapError(origin, page.since, held)
