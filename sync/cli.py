@@ -6,6 +6,7 @@
     crdt-sync sync other.db ws://127.0.0.1:8765 --token s3cret  # one pull+push round
     crdt-sync export app.db --for 0123...cdef changes.bin
     crdt-sync import other.db changes.bin
+    crdt-sync nats app.db --server nats://127.0.0.1:4222     # until Ctrl-C, live through JetStream
 
 This module is the roof's edge: it is the one place where errors become one line on stderr and
 a non-zero exit code (`EngineError`, `SyncError`, `OSError`, APSW errors). Everything below it
@@ -131,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     imp = command("import", "Apply a file written by `export` (all or nothing).", _cmd_import)
     imp.add_argument("db", metavar="DB", help="path of an existing database file")
     imp.add_argument("file", metavar="FILE", help="file written by `crdt-sync export`")
+
+    on_nats = command("nats", "Replicate live through a NATS JetStream stream until Ctrl-C.", _cmd_nats)
+    on_nats.add_argument("db", metavar="DB", help="path of an existing database file")
+    on_nats.add_argument(
+        "--server", action="append", required=True, metavar="URL",
+        help="NATS server, e.g. nats://127.0.0.1:4222 (repeatable: a cluster's servers)",
+    )
+    on_nats.add_argument(
+        "--name", help="the fleet's database name: stream CRDT_NAME, subjects crdt.NAME.<site> "
+                       "(default: the file name without extension)",
+    )
+    on_nats.add_argument(
+        "--bootstrap", metavar="URL",
+        help="ws:// peer to pull from when changes this replica lacks have left the stream",
+    )
+    _add_token(on_nats, "token of the --bootstrap peer")
     return parser
 
 
@@ -142,12 +159,8 @@ def _site_id(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _add_token(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--token",
-        default=os.environ.get(TOKEN_ENV),
-        help=f"shared secret peers must present (default: ${TOKEN_ENV})",
-    )
+def _add_token(parser: argparse.ArgumentParser, what: str = "shared secret peers must present") -> None:
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"{what} (default: ${TOKEN_ENV})")
 
 
 # -- entry point ---------------------------------------------------------------------------
@@ -291,6 +304,31 @@ def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
             signal.signal(sig, handler)
 
     return restore
+
+
+def _cmd_nats(args: argparse.Namespace) -> int:
+    from .nats import check_name, replicate
+
+    name = args.name or Path(args.db).stem
+    try:
+        check_name(name)
+    except ValueError as error:
+        raise CommandError(f"{error}; choose one with --name") from None
+    stop = threading.Event()
+    restore = _stop_on_signals(stop)
+    try:
+        with _open_existing(args.db) as db, replicate(
+            db, args.server, name=name, bootstrap=args.bootstrap, token=args.token
+        ) as replica:
+            print(f"replicating {args.db} (site {db.site_id}) on {', '.join(args.server)}, "
+                  f"stream {replica.stream}; Ctrl-C stops", flush=True)
+            while not stop.is_set():
+                if replica.wait_stopped(0.2):
+                    raise replica.error
+        print(f"{PROG}: stopped", file=sys.stderr)
+    finally:
+        restore()
+    return EXIT_OK
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
