@@ -20,7 +20,7 @@ from .data import INSERT_EVENT, Workspace, event_rows
 from .harness import BenchError, Row
 from .replication import TOKEN, server_url
 
-__all__ = ["b5_live", "P50_LIMIT_MS", "P99_LIMIT_MS"]
+__all__ = ["b5_live", "P50_LIMIT_MS", "P99_LIMIT_MS", "Watcher", "wait_visible", "percentile"]
 
 P50_LIMIT_MS, P99_LIMIT_MS = 10.0, 50.0
 _WARMUP = 10
@@ -28,7 +28,7 @@ _VISIBLE_TIMEOUT = 10.0
 _CONNECT_TIMEOUT = 15.0
 
 
-class _Watcher:
+class Watcher:
     """Tells when a row is readable on one replica, woken by that replica's commits."""
 
     def __init__(self, db):
@@ -44,14 +44,15 @@ class _Watcher:
         self._remove()
 
 
-def _wait_visible(watchers: list[_Watcher], event_id: str, started: float) -> list[float]:
+def wait_visible(watchers: list[Watcher], event_id: str, started: float, *, label: str = "B5",
+                 timeout: float = _VISIBLE_TIMEOUT) -> list[float]:
     """Seconds from `started` until `event_id` is readable on each watcher's replica.
 
     Raises:
         BenchError: it never arrived within the timeout.
     """
     arrived: dict[int, float] = {}
-    deadline = started + _VISIBLE_TIMEOUT
+    deadline = started + timeout
     while len(arrived) < len(watchers):
         for index, watcher in enumerate(watchers):
             if index in arrived:
@@ -62,20 +63,20 @@ def _wait_visible(watchers: list[_Watcher], event_id: str, started: float) -> li
         if len(arrived) == len(watchers):
             break
         if time.perf_counter() > deadline:
-            raise BenchError(f"B5: event {event_id} did not reach every replica within {_VISIBLE_TIMEOUT:g} s")
+            raise BenchError(f"{label}: event {event_id} did not reach every replica within {timeout:g} s")
         pending = next(w for i, w in enumerate(watchers) if i not in arrived)
         pending.changed.wait(0.001)
     return [arrived[i] for i in range(len(watchers))]
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def _measure(replicas, writes: int, start: int) -> tuple[list[float], dict[str, list[float]]]:
     """Run the writes; (latency to both others per write, latencies by origin)."""
-    watchers = [_Watcher(db) for db in replicas]
+    watchers = [Watcher(db) for db in replicas]
     names = ["A", "B", "C"]
     latencies: list[float] = []
     by_origin: dict[str, list[float]] = {n: [] for n in names}
@@ -86,7 +87,7 @@ def _measure(replicas, writes: int, start: int) -> tuple[list[float], dict[str, 
             started = time.perf_counter()
             with replicas[origin].transaction() as tx:
                 tx.execute(INSERT_EVENT, row)
-            latency = max(_wait_visible(others, row[0], started))
+            latency = max(wait_visible(others, row[0], started))
             latencies.append(latency)
             by_origin[names[origin]].append(latency)
     finally:
@@ -116,11 +117,11 @@ def b5_live(ctx, writes: int) -> list[Row]:
         for db in replicas:
             ws.discard(db)
     ms = [v * 1000 for v in latencies]
-    p50, p99 = _percentile(ms, 0.50), _percentile(ms, 0.99)
+    p50, p99 = percentile(ms, 0.50), percentile(ms, 0.99)
     extra = {
         "writes": writes, "max_ms": max(ms), "mean_ms": sum(ms) / len(ms),
-        "by_origin_p50_ms": {k: _percentile([x * 1000 for x in v], 0.5) for k, v in by_origin.items() if v},
-        "by_origin_p99_ms": {k: _percentile([x * 1000 for x in v], 0.99) for k, v in by_origin.items() if v},
+        "by_origin_p50_ms": {k: percentile([x * 1000 for x in v], 0.5) for k, v in by_origin.items() if v},
+        "by_origin_p99_ms": {k: percentile([x * 1000 for x in v], 0.99) for k, v in by_origin.items() if v},
         "topology": "A serves; B and C are live clients of A; writes rotate A, B, C",
     }
     note = "1 run; each write is a sample; origin B/C needs a relay through A"

@@ -1,0 +1,146 @@
+"""B8: fan-out from one writer to ten replicas — NATS JetStream (sync.nats) vs our WebSocket hub.
+
+Both topologies have a broker between the writer and the receivers, and every replica runs in
+this process on loopback:
+
+    NATS  writer ─▶ nats-server -js (stream CRDT_bench) ─▶ 10 replicas, a durable consumer each
+    hub   writer ─▶ hub replica (sync.serve)             ─▶ 10 replicas, live clients (sync.connect)
+
+Two measurements per topology, on fresh replicas:
+- latency: single-row INSERTs of `events`, one transaction each, one at a time; a write's
+  latency runs from the start of its transaction until the row is readable on all ten
+  receivers (the waiter wakes on their commits, as in B5);
+- rate: a burst of single-row transactions written as fast as the writer commits; changes per
+  second from the first commit until the last row is readable on all ten.
+
+"ours" is NATS and the "baseline" our hub, so the ratio says how NATS compares (rate: higher
+is better; latency: lower is better). Report only: the point is the comparison.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import sync
+import sync.nats
+from sync.testing.nats_server import LocalNatsServer
+
+from .data import CHANGES_PER_EVENT, INSERT_EVENT, Workspace, event_rows
+from .harness import BenchError, Row
+from .live import Watcher, percentile, wait_visible
+from .replication import TOKEN, server_url
+
+__all__ = ["b8_fanout", "RECEIVERS"]
+
+RECEIVERS = 10
+_WARMUP = 10
+_CONNECT_TIMEOUT = 30.0
+_BURST_TIMEOUT = 120.0
+
+
+@contextmanager
+def _over_nats(ws: Workspace, replicas: list) -> Iterator[None]:
+    with LocalNatsServer(ws.folder / "b8-nats") as server:
+        started = [sync.nats.replicate(db, server.url, name="bench") for db in replicas]
+        try:
+            for replica in started:
+                replica.wait_connected(_CONNECT_TIMEOUT)
+            yield
+        finally:
+            for replica in started:
+                replica.close()
+
+
+@contextmanager
+def _over_hub(ws: Workspace, replicas: list) -> Iterator[None]:
+    hub = ws.fresh("b8-hub")
+    server = sync.serve(hub, "127.0.0.1", 0, token=TOKEN)
+    clients = []
+    try:
+        clients = [sync.connect(db, server_url(server), token=TOKEN) for db in replicas]
+        for client in clients:
+            client.wait_connected(_CONNECT_TIMEOUT)
+        yield
+    finally:
+        for client in clients:
+            client.close()
+        server.close()
+        ws.discard(hub)
+
+
+def _latencies(writer, watchers: list[Watcher], rows: list[tuple]) -> list[float]:
+    """Seconds from each write's start until it is readable on every receiver."""
+    latencies = []
+    for row in rows:
+        started = time.perf_counter()
+        with writer.transaction() as tx:
+            tx.execute(INSERT_EVENT, row)
+        latencies.append(max(wait_visible(watchers, row[0], started, label="B8")))
+    return latencies
+
+
+def _burst(writer, watchers: list[Watcher], receivers: list, rows: list[tuple]) -> float:
+    """Seconds from the first commit of the burst until its last row is on every receiver
+    (each origin's transactions arrive in order, so the last one implies the others).
+
+    Raises:
+        BenchError: a receiver holds the last row but not every row of the burst.
+    """
+    started = time.perf_counter()
+    for row in rows:
+        with writer.transaction() as tx:
+            tx.execute(INSERT_EVENT, row)
+    seconds = max(wait_visible(watchers, rows[-1][0], started, label="B8", timeout=_BURST_TIMEOUT))
+    ids = (rows[0][0], rows[-1][0])
+    for db in receivers:
+        with db.reading() as s:
+            held = s.scalar("SELECT count(*) FROM events WHERE id BETWEEN ? AND ?", ids)
+        if held != len(rows):
+            raise BenchError(f"B8: a receiver holds {held} of the burst's {len(rows)} events")
+    return seconds
+
+
+def _measure(ctx, kind: str, burst: int, writes: int) -> tuple[list[float], float]:
+    """(latencies in seconds, burst seconds) of one topology on fresh replicas."""
+    ws: Workspace = ctx.ws
+    writer = ws.fresh(f"b8-{kind}-writer")
+    receivers = [ws.fresh(f"b8-{kind}-r{i}") for i in range(RECEIVERS)]
+    topology = _over_nats if kind == "nats" else _over_hub
+    watchers = [Watcher(db) for db in receivers]
+    try:
+        with topology(ws, [writer, *receivers]):
+            _latencies(writer, watchers, event_rows(_WARMUP, start=0))
+            latencies = _latencies(writer, watchers, event_rows(writes, start=_WARMUP))
+            seconds = _burst(writer, watchers, receivers, event_rows(burst, start=_WARMUP + writes))
+    finally:
+        for watcher in watchers:
+            watcher.close()
+        for db in [writer, *receivers]:
+            ws.discard(db)
+    return latencies, seconds
+
+
+def b8_fanout(ctx, sizes: tuple[int, int]) -> list[Row]:
+    """B8: rate and p50/p99 fan-out latency, NATS vs hub."""
+    burst, writes = sizes
+    nats_latencies, nats_seconds = _measure(ctx, "nats", burst, writes)
+    hub_latencies, hub_seconds = _measure(ctx, "hub", burst, writes)
+    changes = burst * CHANGES_PER_EVENT
+    nats_rate, hub_rate = changes / nats_seconds, changes / hub_seconds
+    nats_ms, hub_ms = [v * 1000 for v in nats_latencies], [v * 1000 for v in hub_latencies]
+    note = f"1 run each; NATS = ours, our WebSocket hub = baseline; {RECEIVERS} receivers in this process"
+    extra = {"receivers": RECEIVERS, "burst_events": burst, "burst_changes": changes, "latency_writes": writes,
+             "nats_burst_seconds": nats_seconds, "hub_burst_seconds": hub_seconds}
+    rows = [Row(id="B8-rate", what=f"fan-out 1 -> {RECEIVERS}: burst of {burst:,} single-row txs, changes/s",
+                unit="changes/s", ours=nats_rate, baseline=hub_rate, ratio=nats_rate / hub_rate,
+                target="report only", met=None, reps=1, samples_ours=[nats_rate], samples_baseline=[hub_rate],
+                notes=note, extra=extra)]
+    for q, label in ((0.50, "p50"), (0.99, "p99")):
+        ours, base = percentile(nats_ms, q), percentile(hub_ms, q)
+        rows.append(Row(id=f"B8-{label}", what=f"  fan-out latency {label}, commit -> on all {RECEIVERS} ({writes:,} writes)",
+                        unit="ms", ours=ours, baseline=base, ratio=ours / base, target="report only", met=None,
+                        reps=1, samples_ours=nats_ms if label == "p50" else [],
+                        samples_baseline=hub_ms if label == "p50" else []))
+    return rows
