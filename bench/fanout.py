@@ -12,6 +12,8 @@ Two measurements per topology, on fresh replicas:
   receivers (the waiter wakes on their commits, as in B5);
 - rate: a burst of single-row transactions written as fast as the writer commits; changes per
   second from the first commit until the last row is readable on all ten.
+Each topology runs `reps` times (fresh replicas and a fresh server or hub each time), alternating
+which goes first.
 
 "ours" is NATS and the "baseline" our hub, so the ratio says how NATS compares (rate: higher
 is better; latency: lower is better). Report only: the point is the comparison.
@@ -19,6 +21,7 @@ is better; latency: lower is better). Report only: the point is the comparison.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +31,7 @@ import sync.nats
 from sync.testing.nats_server import LocalNatsServer
 
 from .data import CHANGES_PER_EVENT, INSERT_EVENT, Workspace, event_rows
-from .harness import BenchError, Row
+from .harness import BenchError, Row, median
 from .live import Watcher, percentile, wait_visible
 from .replication import TOKEN, server_url
 
@@ -42,7 +45,7 @@ _BURST_TIMEOUT = 120.0
 
 @contextmanager
 def _over_nats(ws: Workspace, replicas: list) -> Iterator[None]:
-    with LocalNatsServer(ws.folder / "b8-nats") as server:
+    with LocalNatsServer(tempfile.mkdtemp(prefix="b8-nats-", dir=ws.folder)) as server:  # a fresh store
         started = [sync.nats.replicate(db, server.url, name="bench") for db in replicas]
         try:
             for replica in started:
@@ -123,24 +126,31 @@ def _measure(ctx, kind: str, burst: int, writes: int) -> tuple[list[float], floa
 
 
 def b8_fanout(ctx, sizes: tuple[int, int]) -> list[Row]:
-    """B8: rate and p50/p99 fan-out latency, NATS vs hub."""
+    """B8: rate and p50/p99 fan-out latency, NATS vs hub; `ctx.reps` runs of each, alternating
+    which goes first. Rates are medians over runs; latencies pool every run's writes."""
     burst, writes = sizes
-    nats_latencies, nats_seconds = _measure(ctx, "nats", burst, writes)
-    hub_latencies, hub_seconds = _measure(ctx, "hub", burst, writes)
+    rates: dict[str, list[float]] = {"nats": [], "hub": []}
+    latencies: dict[str, list[float]] = {"nats": [], "hub": []}
     changes = burst * CHANGES_PER_EVENT
-    nats_rate, hub_rate = changes / nats_seconds, changes / hub_seconds
-    nats_ms, hub_ms = [v * 1000 for v in nats_latencies], [v * 1000 for v in hub_latencies]
-    note = f"1 run each; NATS = ours, our WebSocket hub = baseline; {RECEIVERS} receivers in this process"
+    for rep in range(ctx.reps):
+        for kind in ("nats", "hub") if rep % 2 == 0 else ("hub", "nats"):
+            run_latencies, seconds = _measure(ctx, kind, burst, writes)
+            rates[kind].append(changes / seconds)
+            latencies[kind] += [v * 1000 for v in run_latencies]
+    nats_rate, hub_rate = median(rates["nats"]), median(rates["hub"])
+    note = (f"median of {ctx.reps} runs each, alternating; NATS = ours, our WebSocket hub = baseline; "
+            f"{RECEIVERS} receivers in this process")
     extra = {"receivers": RECEIVERS, "burst_events": burst, "burst_changes": changes, "latency_writes": writes,
-             "nats_burst_seconds": nats_seconds, "hub_burst_seconds": hub_seconds}
+             "rates_nats": rates["nats"], "rates_hub": rates["hub"]}
     rows = [Row(id="B8-rate", what=f"fan-out 1 -> {RECEIVERS}: burst of {burst:,} single-row txs, changes/s",
                 unit="changes/s", ours=nats_rate, baseline=hub_rate, ratio=nats_rate / hub_rate,
-                target="report only", met=None, reps=1, samples_ours=[nats_rate], samples_baseline=[hub_rate],
-                notes=note, extra=extra)]
+                target="report only", met=None, reps=ctx.reps, samples_ours=rates["nats"],
+                samples_baseline=rates["hub"], notes=note, extra=extra)]
     for q, label in ((0.50, "p50"), (0.99, "p99")):
-        ours, base = percentile(nats_ms, q), percentile(hub_ms, q)
-        rows.append(Row(id=f"B8-{label}", what=f"  fan-out latency {label}, commit -> on all {RECEIVERS} ({writes:,} writes)",
+        ours, base = percentile(latencies["nats"], q), percentile(latencies["hub"], q)
+        rows.append(Row(id=f"B8-{label}",
+                        what=f"  fan-out latency {label}, commit -> on all {RECEIVERS} ({ctx.reps} x {writes:,} writes)",
                         unit="ms", ours=ours, baseline=base, ratio=ours / base, target="report only", met=None,
-                        reps=1, samples_ours=nats_ms if label == "p50" else [],
-                        samples_baseline=hub_ms if label == "p50" else []))
+                        reps=ctx.reps, samples_ours=latencies["nats"] if label == "p50" else [],
+                        samples_baseline=latencies["hub"] if label == "p50" else []))
     return rows

@@ -499,6 +499,14 @@ class Outbox:
         self.claimed = max(self.claimed, high)
         return high
 
+    def pass_over(self, low: int, high: int) -> None:
+        """Versions (low, high] hold no change this outbox sends (a merge of another site's
+        pages that wrote nothing of this replica's): if everything up to `low` was read, the
+        next read starts after `high` instead of scanning them (an own-changes outbox on a
+        busy stream would otherwise read every merged change again only to skip it)."""
+        if self._split is None and not self._carry and self.scanned >= low:
+            self.scanned = max(self.scanned, high)
+
     def acknowledged(self, watermark: int) -> None:
         self.acked = max(self.acked, watermark)
         self.scanned = max(self.scanned, self.acked)

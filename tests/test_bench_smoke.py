@@ -46,3 +46,15 @@ def test_unknown_benchmark_id_is_refused(tmp_path):
     assert completed.returncode != 0
     assert "unknown benchmark(s) B99" in completed.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_quick_run_of_b8_compares_nats_with_the_hub(tmp_path):
+    out = tmp_path / "results.json"
+    completed = subprocess.run(
+        [sys.executable, "bench/run.py", "B8", "--quick", "--reps", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stderr
+    rows = {row["id"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"B8-rate", "B8-p50", "B8-p99"}
+    for row in rows.values():
+        assert row["ours"] > 0 and row["baseline"] > 0 and row["ratio"] == row["ours"] / row["baseline"]

@@ -40,8 +40,8 @@ from __future__ import annotations
 
 from ..errors import StreamGapError
 from .bootstrap import Checkpoint, bootstrap
-from .layout import bucket_name, check_name, consumer_name, stream_name, subject_for
-from .replica import NatsOptions, NatsReplica, replicate
+from .layout import NatsOptions, bucket_name, check_name, consumer_name, stream_name, subject_for
+from .replica import NatsReplica, replicate
 
 __all__ = [
     "replicate",

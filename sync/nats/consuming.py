@@ -1,9 +1,10 @@
 """Reading the stream: the replica's durable push consumer, acks, re-pinning and gaps.
 
-Messages are handled one at a time, in delivery order: check the origin and the schema header,
-decode the page, merge it on the database thread (sync.nats.receiving), then ack. The ack
-follows the commit, so a message acked is a message merged; one merged but not acked (a crash,
-a dropped connection) comes again and is a no-op.
+Deliveries are handled in order, in batches (the first one and whatever is already queued behind
+it): check each one's origin and schema header, decode its page, merge the batch on the
+database thread in one transaction (sync.nats.receiving), then ack each. The ack follows the
+commit, so a message acked is a message merged; one merged but not acked (a crash, a dropped
+connection) comes again and is a no-op.
 
 The consumer's delivery sequence must have no holes: a hole means a delivery was lost (the
 connection dropped with messages in flight) and the server would only redeliver it after the ack
@@ -39,6 +40,7 @@ from ..protocol import Changes, decode
 from .bootstrap import Checkpoints, bootstrap
 from .layout import (
     SCHEMA_HEADER,
+    NatsOptions,
     TRANSIENT_ERRORS,
     consumer_name,
     origin_of,
@@ -67,18 +69,16 @@ class Consumer:
     """Drives this replica's durable consumer; see the module docstring."""
 
     def __init__(self, db: Database, nc: NatsClient, js: JetStreamContext, name: str, inbox: StreamInbox,
-                 run_db: RunDb, *, ack_wait: float, max_ack_pending: int, idle_check: float, checkpoints: Checkpoints,
-                 source: BootstrapSource | None, on_applied: Callable[[Changes, ApplyOutcome], None],
-                 refusals: deque[SyncError], counts: Counter[str]):
+                 run_db: RunDb, options: NatsOptions, *, checkpoints: Checkpoints, source: BootstrapSource | None,
+                 on_applied: Callable[[Changes, ApplyOutcome], None], refusals: deque[SyncError],
+                 counts: Counter[str]):
         self.db = db
         self.nc = nc
         self.js = js
         self.name = name
         self.inbox = inbox
         self.run_db = run_db
-        self.ack_wait = ack_wait
-        self.max_ack_pending = max_ack_pending
-        self.idle_check = idle_check
+        self.options = options
         self.checkpoints = checkpoints
         self.source = source
         self.on_applied = on_applied
@@ -111,9 +111,9 @@ class Consumer:
                     await retry_transient(self._pin, what=f"pinning the consumer of {self.db.site_id}")
                     idle_since = loop.time()
                 try:
-                    msg = await self._sub.next_msg(timeout=min(1.0, self.idle_check))
+                    msg = await self._sub.next_msg(timeout=min(1.0, self.options.idle_check))
                 except nats.errors.TimeoutError:
-                    if loop.time() - idle_since >= self.idle_check:
+                    if loop.time() - idle_since >= self.options.idle_check:
                         idle_since = loop.time()
                         await self._check_delivering()
                     continue
@@ -158,8 +158,8 @@ class Consumer:
             await self.run_db(self.inbox.restart_at, 1)
             start = 1
         self._sub = await pin_consumer(self.js, self.name, self.db.site_id, start,
-                                       deliver_subject=self.nc.new_inbox(), ack_wait=self.ack_wait,
-                                       max_ack_pending=self.max_ack_pending)
+                                       deliver_subject=self.nc.new_inbox(), ack_wait=self.options.ack_wait,
+                                       max_ack_pending=self.options.max_ack_pending)
         self._expected = 1
         self._repin = False
         self.counts["repins"] += 1

@@ -11,6 +11,8 @@ A name is 1-64 characters of letters, digits, `_` and `-`: it must be one subjec
 part of a stream and a bucket name. A stream created elsewhere (an operator choosing its
 retention, replicas or placement) is used as it is, provided it covers `crdt.<name>.>`.
 
+`NatsOptions` holds the knobs of the connection, the consumer and the checkpoints.
+
 Every published message carries two headers: `Nats-Msg-Id` (the server drops a republished id
 inside the stream's duplicate window) and `Crdt-Schema` (`<version>:<fingerprint>` of the
 publisher's CRR schema; a receiver with another schema refuses the page).
@@ -24,6 +26,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
@@ -32,6 +35,7 @@ from ..changes import Limits
 from ..errors import ProtocolError, SyncError
 
 __all__ = [
+    "NatsOptions",
     "SCHEMA_HEADER",
     "MSG_ID_HEADER",
     "check_name",
@@ -71,6 +75,19 @@ TRANSIENT_ERRORS = (
     OSError,
 )
 """What a lost or restarting server raises: retried after a backoff, never fatal."""
+
+
+class NatsOptions(msgspec.Struct, frozen=True):
+    """Tuning; the defaults suit a fleet on a LAN or the Internet."""
+
+    connect_timeout: float = 2.0      # seconds for one connection attempt
+    reconnect_wait: float = 0.25      # first backoff between attempts (doubles, capped at 5 s)
+    api_timeout: float = 5.0          # JetStream API calls and publish acknowledgements
+    ack_wait: float = 60.0            # a delivered, unacknowledged message is redelivered after this
+    max_ack_pending: int = 64         # messages in flight to this replica (bounds its memory)
+    idle_check: float = 10.0          # idle this long: check that the consumer still delivers
+    checkpoint_interval: float = 1.0  # seconds between checkpoint writes while merging
+    bootstrap_attempts: int = 3       # bootstraps tried for one gap before giving up
 
 
 def check_name(name: str) -> str:

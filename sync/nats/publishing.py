@@ -28,7 +28,7 @@ from engine.database import Database
 from ..changes import Limits, Outbox
 from ..errors import MessageTooLargeError
 from ..protocol import Changes, encode
-from .layout import MSG_ID_HEADER, SCHEMA_HEADER, retry_transient, stream_name, subject_for
+from .layout import MSG_ID_HEADER, SCHEMA_HEADER, NatsOptions, retry_transient, stream_name, subject_for
 from .positions import read_positions, store_published
 
 __all__ = ["Publisher", "schema_header"]
@@ -45,14 +45,14 @@ class Publisher:
     """Publishes new local commits as they happen; `wake` is set when there may be some."""
 
     def __init__(self, db: Database, js: JetStreamContext, name: str, limits: Limits, run_db: RunDb,
-                 *, publish_timeout: float, on_published: Callable[[Changes], None]):
+                 options: NatsOptions, *, on_published: Callable[[Changes], None]):
         self.db = db
         self.js = js
         self.limits = limits
         self.run_db = run_db
         self.subject = subject_for(name, db.site_id)
         self.stream = stream_name(name)
-        self.publish_timeout = publish_timeout
+        self.publish_timeout = options.api_timeout
         self.on_published = on_published
         self.wake = asyncio.Event()
         self.wake.set()  # publish whatever is pending at start
@@ -73,6 +73,12 @@ class Publisher:
             await self.wake.wait()
             self.wake.clear()
             await self._publish_pending()
+
+    def pass_over(self, low: int, high: int) -> None:
+        """Our versions (low, high] hold only merged changes (see `Outbox.pass_over`). Call on
+        the database thread, like every use of the outbox."""
+        if self._outbox is not None:
+            self._outbox.pass_over(low, high)
 
     async def close(self) -> None:
         """Drop the outbox's temporary table (a split group in progress)."""

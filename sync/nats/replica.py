@@ -9,10 +9,11 @@ Threads (the replica is a context manager with an idempotent `close()`):
     ChangeNotifier       `db.on_commit` + a `PRAGMA data_version` poll (sync.websocket): wakes
                          the publisher on local commits, other processes' included
 
-A failure a retry can fix (server gone, restarting, slow) only logs and reconnects; `error`
-says what happened last. A failure a retry cannot fix (another schema, a stream gap no bootstrap
-closes, a change too large for the server) stops the replica: `failed` is true, `error` holds
-the typed `SyncError`, and `wait_connected` raises it.
+A failure a retry may fix (server gone or restarting, a failed merge, an unreachable bootstrap
+peer) logs and reconnects with backoff; `error` says what happened last. A failure a retry
+cannot fix (another schema, a stream gap no bootstrap closes, a change too large for the
+server: `SyncError.permanent` or `MessageTooLargeError`) stops the replica: `failed` is true,
+`error` holds the typed `SyncError`, and `wait_connected` raises it.
 """
 
 from __future__ import annotations
@@ -28,19 +29,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import apsw
-import msgspec
 import nats
 
 from engine.database import Database
 
 from ..changes import ApplyOutcome, CrrSchema, Limits, ensure_tables
-from ..errors import SyncError, TransportError
+from ..errors import MessageTooLargeError, SyncError, TransportError
 from ..protocol import Changes
 from ..websocket import DEFAULT_POLL_INTERVAL, ChangeNotifier, TransportStats
 from . import positions
 from .bootstrap import Checkpoints, read_checkpoint
 from .consuming import BootstrapSource, Consumer
-from .layout import TRANSIENT_ERRORS, check_name, ensure_bucket, ensure_stream, limits_for, stream_name
+from .layout import TRANSIENT_ERRORS, NatsOptions, check_name, ensure_bucket, ensure_stream, limits_for, stream_name
 from .publishing import Publisher
 from .receiving import StreamInbox
 
@@ -48,19 +48,6 @@ __all__ = ["NatsReplica", "NatsOptions", "replicate"]
 
 log = logging.getLogger("sync.nats")
 _BACKOFF_CAP = 5.0
-
-
-class NatsOptions(msgspec.Struct, frozen=True):
-    """Tuning; the defaults suit a fleet on a LAN or the Internet."""
-
-    connect_timeout: float = 2.0      # seconds for one connection attempt
-    reconnect_wait: float = 0.25      # first backoff between attempts (doubles, capped at 5 s)
-    api_timeout: float = 5.0          # JetStream API calls and publish acknowledgements
-    ack_wait: float = 60.0            # a delivered, unacknowledged message is redelivered after this
-    max_ack_pending: int = 64         # messages in flight to this replica (bounds its memory)
-    idle_check: float = 10.0          # idle this long: check that the consumer still delivers
-    checkpoint_interval: float = 1.0  # seconds between checkpoint writes while merging
-    bootstrap_attempts: int = 3       # bootstraps tried for one gap before giving up
 
 
 class NatsReplica:
@@ -218,15 +205,16 @@ class NatsReplica:
                 await self._run_connected(run_db)
                 if self._stopping.is_set():
                     return
-            except (TransportError, apsw.BusyError, *TRANSIENT_ERRORS) as error:
-                self.error = error if isinstance(error, SyncError) else TransportError(
-                    f"NATS {', '.join(self.servers)}: {str(error) or type(error).__name__}")
-                log.warning("NATS replica %s: %s; reconnecting in %.2fs", self.stream, self.error, delay)
             except SyncError as error:
                 self.error = error
-                self._failed.set()
-                log.error("NATS replica %s stopped: %s", self.stream, error)
-                return
+                if error.permanent or isinstance(error, MessageTooLargeError):  # a retry cannot fix it
+                    self._failed.set()
+                    log.error("NATS replica %s stopped: %s", self.stream, error)
+                    return
+                log.warning("NATS replica %s: %s; reconnecting in %.2fs", self.stream, error, delay)
+            except (apsw.BusyError, *TRANSIENT_ERRORS) as error:
+                self.error = TransportError(f"NATS {', '.join(self.servers)}: {str(error) or type(error).__name__}")
+                log.warning("NATS replica %s: %s; reconnecting in %.2fs", self.stream, self.error, delay)
             except Exception as error:  # a bug: keep the replica alive, loudly
                 self.error = SyncError(f"internal error: {error!r}")
                 log.exception("NATS replica %s failed; reconnecting in %.2fs", self.stream, delay)
@@ -259,14 +247,11 @@ class NatsReplica:
             _, resume = await run_db(positions.read_positions, self.db, self.stream)
             inbox = await run_db(StreamInbox, self.db, self.stream, self._schema, limits, resume)
             publisher = self._publisher = Publisher(
-                self.db, js, self.name, limits, run_db,
-                publish_timeout=self.options.api_timeout, on_published=self._published)
+                self.db, js, self.name, limits, run_db, self.options, on_published=self._published)
+            inbox.on_merged = publisher.pass_over
             consumer = self._consumer = Consumer(
-                self.db, nc, js, self.name, inbox, run_db,
-                ack_wait=self.options.ack_wait, max_ack_pending=self.options.max_ack_pending,
-                idle_check=self.options.idle_check,
-                checkpoints=checkpoints, source=self._source, on_applied=self._applied,
-                refusals=self.refusals, counts=self.counts)
+                self.db, nc, js, self.name, inbox, run_db, self.options, checkpoints=checkpoints,
+                source=self._source, on_applied=self._applied, refusals=self.refusals, counts=self.counts)
             tasks = [asyncio.create_task(publisher.run(), name="publisher"),
                      asyncio.create_task(consumer.run(), name="consumer"),
                      asyncio.create_task(self._write_checkpoints(inbox, checkpoints, run_db), name="checkpoints")]
