@@ -84,29 +84,31 @@ def _latencies(writer, watchers: list[Watcher], rows: list[tuple]) -> list[float
     return latencies
 
 
-def _burst(writer, watchers: list[Watcher], receivers: list, rows: list[tuple]) -> float:
-    """Seconds from the first commit of the burst until its last row is on every receiver
-    (each origin's transactions arrive in order, so the last one implies the others).
+def _burst(writer, watchers: list[Watcher], receivers: list, rows: list[tuple]) -> tuple[float, float]:
+    """(wall, CPU) seconds from the first commit of the burst until its last row is on every
+    receiver (each origin's transactions arrive in order, so the last one implies the others).
+    The CPU time is this process's, all threads: steadier than wall time on a shared machine.
 
     Raises:
         BenchError: a receiver holds the last row but not every row of the burst.
     """
-    started = time.perf_counter()
+    cpu, started = time.process_time(), time.perf_counter()
     for row in rows:
         with writer.transaction() as tx:
             tx.execute(INSERT_EVENT, row)
     seconds = max(wait_visible(watchers, rows[-1][0], started, label="B8", timeout=_BURST_TIMEOUT))
+    cpu = time.process_time() - cpu
     ids = (rows[0][0], rows[-1][0])
     for db in receivers:
         with db.reading() as s:
             held = s.scalar("SELECT count(*) FROM events WHERE id BETWEEN ? AND ?", ids)
         if held != len(rows):
             raise BenchError(f"B8: a receiver holds {held} of the burst's {len(rows)} events")
-    return seconds
+    return seconds, cpu
 
 
-def _measure(ctx, kind: str, burst: int, writes: int) -> tuple[list[float], float]:
-    """(latencies in seconds, burst seconds) of one topology on fresh replicas."""
+def _measure(ctx, kind: str, burst: int, writes: int) -> tuple[list[float], tuple[float, float]]:
+    """(latencies in seconds, (wall, CPU) seconds of the burst) of one topology on fresh replicas."""
     ws: Workspace = ctx.ws
     writer = ws.fresh(f"b8-{kind}-writer")
     receivers = [ws.fresh(f"b8-{kind}-r{i}") for i in range(RECEIVERS)]
@@ -116,13 +118,13 @@ def _measure(ctx, kind: str, burst: int, writes: int) -> tuple[list[float], floa
         with topology(ws, [writer, *receivers]):
             _latencies(writer, watchers, event_rows(_WARMUP, start=0))
             latencies = _latencies(writer, watchers, event_rows(writes, start=_WARMUP))
-            seconds = _burst(writer, watchers, receivers, event_rows(burst, start=_WARMUP + writes))
+            burst_seconds = _burst(writer, watchers, receivers, event_rows(burst, start=_WARMUP + writes))
     finally:
         for watcher in watchers:
             watcher.close()
         for db in [writer, *receivers]:
             ws.discard(db)
-    return latencies, seconds
+    return latencies, burst_seconds
 
 
 def b8_fanout(ctx, sizes: tuple[int, int]) -> list[Row]:
@@ -130,18 +132,22 @@ def b8_fanout(ctx, sizes: tuple[int, int]) -> list[Row]:
     which goes first. Rates are medians over runs; latencies pool every run's writes."""
     burst, writes = sizes
     rates: dict[str, list[float]] = {"nats": [], "hub": []}
+    cpu: dict[str, list[float]] = {"nats": [], "hub": []}
     latencies: dict[str, list[float]] = {"nats": [], "hub": []}
     changes = burst * CHANGES_PER_EVENT
     for rep in range(ctx.reps):
         for kind in ("nats", "hub") if rep % 2 == 0 else ("hub", "nats"):
-            run_latencies, seconds = _measure(ctx, kind, burst, writes)
+            run_latencies, (seconds, cpu_seconds) = _measure(ctx, kind, burst, writes)
             rates[kind].append(changes / seconds)
+            cpu[kind].append(cpu_seconds)
             latencies[kind] += [v * 1000 for v in run_latencies]
     nats_rate, hub_rate = median(rates["nats"]), median(rates["hub"])
-    note = (f"median of {ctx.reps} runs each, alternating; NATS = ours, our WebSocket hub = baseline; "
-            f"{RECEIVERS} receivers in this process")
+    cpu_ratio = median(cpu["nats"]) / median(cpu["hub"])
+    note = (f"median of {ctx.reps} runs each, alternating; CPU-time ratio of the burst {cpu_ratio:.2f}; "
+            f"NATS = ours, our WebSocket hub = baseline; {RECEIVERS} receivers in this process")
     extra = {"receivers": RECEIVERS, "burst_events": burst, "burst_changes": changes, "latency_writes": writes,
-             "rates_nats": rates["nats"], "rates_hub": rates["hub"]}
+             "rates_nats": rates["nats"], "rates_hub": rates["hub"], "cpu_seconds_nats": cpu["nats"],
+             "cpu_seconds_hub": cpu["hub"], "cpu_ratio": cpu_ratio}
     rows = [Row(id="B8-rate", what=f"fan-out 1 -> {RECEIVERS}: burst of {burst:,} single-row txs, changes/s",
                 unit="changes/s", ours=nats_rate, baseline=hub_rate, ratio=nats_rate / hub_rate,
                 target="report only", met=None, reps=ctx.reps, samples_ours=rates["nats"],

@@ -495,6 +495,14 @@ def test_bootstrap_from_a_websocket_peer_after_retention(server, open_db, start)
         wait_converged([a, b, newcomer.db])
         assert newcomer.counts["bootstraps"] == 1 and newcomer.error is None
 
+    direct = open_db("direct")  # pulled from a itself: that covers a's purged pages, no gap
+    sync.Peer(direct).sync_with(sync.Peer(a))
+    joined = start(direct, server)
+    add_topics(a, "last-a", 1)
+    wait_until(lambda: topic_ids(direct) == topic_ids(a) == topic_ids(b), what="the direct replica to follow a")
+    assert_converged([a, b, direct])
+    assert joined.counts["bootstraps"] == 0 and not joined.failed
+
     stranded = start(open_db("stranded"), server)  # no bootstrap peer: stops, applies nothing
     assert stranded.wait_stopped(20)
     assert isinstance(stranded.error, StreamGapError) and stranded.error.origin == a.site_id

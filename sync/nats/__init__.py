@@ -14,8 +14,8 @@ Topology (for database name `app`):
 Each replica publishes only the changes it originated (whole db_version groups as the protocol's
 msgspec `Changes` pages, parts for a group larger than a message) and reads every page of the
 others through its own durable consumer, merging each through the same Inbox as the WebSocket
-protocol: validated, merged and the origin's watermark stored in one transaction, with the
-stream position to resume from.
+protocol: validated, merged and the origin's watermark stored in one transaction; the stream
+position to resume from is stored after the merges it follows.
 
 Guarantees:
 - Exactly-once effect: delivery is at-least-once (acks follow commits; a redelivery or a
@@ -23,9 +23,9 @@ Guarantees:
 - Per-origin order: one origin's pages are applied in its commit order; pages of different
   origins interleave in stream order. cr-sqlite converges whatever the interleaving.
 - Transactions stay atomic: a group is applied in one transaction, split groups included.
-- Restarts lose nothing: positions commit with the merges they follow (`__sync_nats_positions`,
-  `__sync_peers` under `nats:<site id>`), the published position only after the server stored
-  the page.
+- Restarts lose nothing: origin watermarks commit with the merges (`__sync_peers` under
+  `nats:<site id>`), the resume point after them (`__sync_nats_positions`), the published
+  position only after the server stored the page.
 - After retention drops pages a replica still lacks, it never skips them: it bootstraps from a
   WebSocket peer (sync.nats.bootstrap explains why that is safe) or stops with
   `StreamGapError`.

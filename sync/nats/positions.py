@@ -3,7 +3,7 @@
     __sync_nats_positions(stream, published, resume, updated_at)     plain table, not a CRR
         published  our db_version up to which our own changes are in the stream (publish acked)
         resume     the stream sequence to (re)start reading from: every message before it is
-                   merged here or needed nothing (committed with the merge it follows)
+                   merged here or needed nothing (stored after those merges: it may lag, never lead)
 
 What we hold of each *origin* is an Inbox watermark in `__sync_peers` under the key
 `nats:<site id>` (sync.changes): the origin's db_version up to which its own changes are merged
