@@ -1,4 +1,4 @@
-"""B8: fan-out from one writer to ten replicas — NATS JetStream (sync.nats) vs our WebSocket hub.
+"""B9: fan-out from one writer to ten replicas — NATS JetStream (sync.nats) vs our WebSocket hub.
 
 Both topologies have a broker between the writer and the receivers, and every replica runs in
 this process on loopback:
@@ -80,7 +80,7 @@ def _latencies(writer, watchers: list[Watcher], rows: list[tuple]) -> list[float
         started = time.perf_counter()
         with writer.transaction() as tx:
             tx.execute(INSERT_EVENT, row)
-        latencies.append(max(wait_visible(watchers, row[0], started, label="B8")))
+        latencies.append(max(wait_visible(watchers, row[0], started, label="B9")))
     return latencies
 
 
@@ -96,14 +96,14 @@ def _burst(writer, watchers: list[Watcher], receivers: list, rows: list[tuple]) 
     for row in rows:
         with writer.transaction() as tx:
             tx.execute(INSERT_EVENT, row)
-    seconds = max(wait_visible(watchers, rows[-1][0], started, label="B8", timeout=_BURST_TIMEOUT))
+    seconds = max(wait_visible(watchers, rows[-1][0], started, label="B9", timeout=_BURST_TIMEOUT))
     cpu = time.process_time() - cpu
     ids = (rows[0][0], rows[-1][0])
     for db in receivers:
         with db.reading() as s:
             held = s.scalar("SELECT count(*) FROM events WHERE id BETWEEN ? AND ?", ids)
         if held != len(rows):
-            raise BenchError(f"B8: a receiver holds {held} of the burst's {len(rows)} events")
+            raise BenchError(f"B9: a receiver holds {held} of the burst's {len(rows)} events")
     return seconds, cpu
 
 
@@ -127,8 +127,8 @@ def _measure(ctx, kind: str, burst: int, writes: int) -> tuple[list[float], tupl
     return latencies, burst_seconds
 
 
-def b8_fanout(ctx, sizes: tuple[int, int]) -> list[Row]:
-    """B8: rate and p50/p99 fan-out latency, NATS vs hub; `ctx.reps` runs of each, alternating
+def b9_fanout(ctx, sizes: tuple[int, int]) -> list[Row]:
+    """B9: rate and p50/p99 fan-out latency, NATS vs hub; `ctx.reps` runs of each, alternating
     which goes first. Rates are medians over runs; latencies pool every run's writes."""
     burst, writes = sizes
     rates: dict[str, list[float]] = {"nats": [], "hub": []}
@@ -148,13 +148,13 @@ def b8_fanout(ctx, sizes: tuple[int, int]) -> list[Row]:
     extra = {"receivers": RECEIVERS, "burst_events": burst, "burst_changes": changes, "latency_writes": writes,
              "rates_nats": rates["nats"], "rates_hub": rates["hub"], "cpu_seconds_nats": cpu["nats"],
              "cpu_seconds_hub": cpu["hub"], "cpu_ratio": cpu_ratio}
-    rows = [Row(id="B8-rate", what=f"fan-out 1 -> {RECEIVERS}: burst of {burst:,} single-row txs, changes/s",
+    rows = [Row(id="B9-rate", what=f"fan-out 1 -> {RECEIVERS}: burst of {burst:,} single-row txs, changes/s",
                 unit="changes/s", ours=nats_rate, baseline=hub_rate, ratio=nats_rate / hub_rate,
                 target="report only", met=None, reps=ctx.reps, samples_ours=rates["nats"],
                 samples_baseline=rates["hub"], notes=note, extra=extra)]
     for q, label in ((0.50, "p50"), (0.99, "p99")):
         ours, base = percentile(latencies["nats"], q), percentile(latencies["hub"], q)
-        rows.append(Row(id=f"B8-{label}",
+        rows.append(Row(id=f"B9-{label}",
                         what=f"  fan-out latency {label}, commit -> on all {RECEIVERS} ({ctx.reps} x {writes:,} writes)",
                         unit="ms", ours=ours, baseline=base, ratio=ours / base, target="report only", met=None,
                         reps=ctx.reps, samples_ours=latencies["nats"] if label == "p50" else [],

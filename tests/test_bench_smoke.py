@@ -48,13 +48,13 @@ def test_unknown_benchmark_id_is_refused(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
-def test_quick_run_of_b8_compares_nats_with_the_hub(tmp_path):
+def test_quick_run_of_b9_compares_nats_with_the_hub(tmp_path):
     out = tmp_path / "results.json"
     completed = subprocess.run(
-        [sys.executable, "bench/run.py", "B8", "--quick", "--reps", "1", "--out", str(out)],
+        [sys.executable, "bench/run.py", "B9", "--quick", "--reps", "1", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=180)
     assert completed.returncode == 0, completed.stderr
     rows = {row["id"]: row for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"B8-rate", "B8-p50", "B8-p99"}
+    assert set(rows) == {"B9-rate", "B9-p50", "B9-p99"}
     for row in rows.values():
         assert row["ours"] > 0 and row["baseline"] > 0 and row["ratio"] == row["ours"] / row["baseline"]
