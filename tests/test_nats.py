@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import msgspec
@@ -27,7 +28,14 @@ import sync
 from engine import Database
 from sync.changes import Limits, Outbox, ensure_tables
 from sync.cli import main
-from sync.errors import InvalidChangeError, MessageTooLargeError, ProtocolError, SchemaMismatchError, StreamGapError
+from sync.errors import (
+    InvalidChangeError,
+    MessageTooLargeError,
+    ProtocolError,
+    SchemaMismatchError,
+    StreamGapError,
+    TransportError,
+)
 from sync.nats import NatsOptions, bucket_name, consumer_name, replicate, stream_name, subject_for
 from sync.nats.bootstrap import Checkpoint
 from sync.nats.positions import origin_watermark, read_positions
@@ -51,8 +59,12 @@ def no_sync_threads_left():
     """Every replica, notifier and server thread a test starts must be gone after it."""
     yield
     deadline = time.monotonic() + 10
-    while left := [t.name for t in threading.enumerate() if t.name.startswith("sync-")]:
-        assert time.monotonic() < deadline, f"threads still running after the test: {left}"
+    while left := [t for t in threading.enumerate() if t.name.startswith("sync-")]:
+        if time.monotonic() > deadline:
+            frames = sys._current_frames()
+            stacks = "\n".join(f"{t.name}:\n{''.join(traceback.format_stack(frames[t.ident]))}"
+                               for t in left if t.ident in frames)
+            raise AssertionError(f"threads still running after the test:\n{stacks}")
         time.sleep(0.01)  # sleep-ok: threads end right after their close() returns
 
 
@@ -350,6 +362,25 @@ def test_partitioned_replica_heals(server, open_db, start):
         proxy.close()
 
 
+def test_a_replica_started_before_the_server_connects_when_it_comes_up(tmp_path, open_db, start):
+    _need_server()
+    server = LocalNatsServer(tmp_path / "later")  # not started yet
+    try:
+        a, b = open_db("a"), open_db("b")
+        early = start(a, server)
+        with pytest.raises(TimeoutError):
+            early.wait_connected(0.5)
+        wait_until(lambda: isinstance(early.error, TransportError), what="the failed attempts to show")
+        assert server.url in str(early.error)
+        add_topics(a, "offline", 2)
+        server.start()
+        early.wait_connected(20)
+        start(b, server)
+        wait_converged([a, b])
+    finally:
+        server.stop()
+
+
 def test_server_restart_with_the_same_store(server, open_db, start):
     dbs = [open_db(f"r{i}") for i in range(3)]
     replicas = [start(db, server) for db in dbs]
@@ -401,6 +432,8 @@ def test_duplicates_delivered_by_jetstream_change_nothing(server, open_db, start
     with dbs[0].transaction() as tx:
         tx.execute("UPDATE topics SET name = 'changed' WHERE id = 'r1-0'")
     wait_converged(dbs)
+    wait_until(lambda: all(r.stats.changes_received == sum(o.stats.changes_sent for o in replicas if o is not r)
+                           for r in replicas), what="the counters to catch up with the merges")
     before = [(db.db_version, topic_ids(db)) for db in dbs]
     applied = [r.stats.changes_applied for r in replicas]
 

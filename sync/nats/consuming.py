@@ -87,6 +87,7 @@ class Consumer:
         self.counts = counts  # the replica's: repins, bootstraps, refused
         self._repin = True
         self._sub: Any = None
+        self._deliveries: asyncio.Queue[Msg] = asyncio.Queue()  # filled by the current subscription
         self._expected = 1  # the next consumer (delivery) sequence
         self._gap_attempts: dict[tuple[str, int], int] = {}
         self._schema = db.schema_fingerprint
@@ -103,31 +104,35 @@ class Consumer:
             StreamGapError: pages this replica lacks left the stream and no bootstrap closed the gap.
             ApplyError: a merge failed here (an after-apply hook raised).
         """
-        loop = asyncio.get_running_loop()
-        idle_since = loop.time()
+        getter: asyncio.Future[Msg] | None = None
         try:
             while True:
                 if self._repin:
+                    if getter is not None:
+                        getter.cancel()  # it waits on the queue of the pinning being replaced
+                        getter = None
                     await retry_transient(self._pin, what=f"pinning the consumer of {self.db.site_id}")
-                    idle_since = loop.time()
-                try:
-                    msg = await self._sub.next_msg(timeout=min(1.0, self.options.idle_check))
-                except nats.errors.TimeoutError:
-                    if loop.time() - idle_since >= self.options.idle_check:
-                        idle_since = loop.time()
-                        await self._check_delivering()
+                if getter is None:
+                    getter = asyncio.ensure_future(self._deliveries.get())
+                # asyncio.wait, not wait_for/timeout: it never cancels the getter, so no
+                # delivery is lost to a timeout and no cancellation of this task is swallowed
+                done, _ = await asyncio.wait({getter}, timeout=self.options.idle_check)
+                if not done:
+                    await self._check_delivering()
                     continue
-                idle_since = loop.time()
-                await self._handle(await self._with_queued(msg))
+                msg, getter = getter.result(), None
+                await self._handle(self._with_queued(msg))
         finally:
+            if getter is not None:
+                getter.cancel()
             await self._unsubscribe()
 
-    async def _with_queued(self, first: Msg) -> list[Msg]:
+    def _with_queued(self, first: Msg) -> list[Msg]:
         """`first` and the deliveries already queued behind it (bounded): merged as one batch,
-        in one transaction, which is what keeps up with a busy stream."""
+        which is what keeps up with a busy stream."""
         batch, size = [first], len(first.data)
-        while self._sub.pending_msgs and len(batch) < _BATCH_MESSAGES and size < _BATCH_BYTES:
-            batch.append(await self._sub.next_msg(timeout=1.0))
+        while not self._deliveries.empty() and len(batch) < _BATCH_MESSAGES and size < _BATCH_BYTES:
+            batch.append(self._deliveries.get_nowait())
             size += len(batch[-1].data)
         return batch
 
@@ -157,9 +162,15 @@ class Consumer:
                         "reading it from the start", stream_name(self.name), last, start)
             await self.run_db(self.inbox.restart_at, 1)
             start = 1
+        deliveries: asyncio.Queue[Msg] = asyncio.Queue()  # one per pinning: nothing of an earlier one gets in
+
+        async def deliver(msg: Msg) -> None:  # the subscription's callback: never blocks
+            deliveries.put_nowait(msg)
+
+        self._deliveries = deliveries
         self._sub = await pin_consumer(self.js, self.name, self.db.site_id, start,
                                        deliver_subject=self.nc.new_inbox(), ack_wait=self.options.ack_wait,
-                                       max_ack_pending=self.options.max_ack_pending)
+                                       max_ack_pending=self.options.max_ack_pending, deliver=deliver)
         self._expected = 1
         self._repin = False
         self.counts["repins"] += 1

@@ -29,6 +29,7 @@ from typing import TypeVar
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from ..changes import Limits
@@ -165,10 +166,13 @@ async def ensure_bucket(js: JetStreamContext, name: str):
 
 
 async def pin_consumer(js: JetStreamContext, name: str, site_id: str, start_seq: int, *, deliver_subject: str,
-                       ack_wait: float, max_ack_pending: int) -> JetStreamContext.PushSubscription:
+                       ack_wait: float, max_ack_pending: int,
+                       deliver: Callable[[Msg], Awaitable[None]]) -> JetStreamContext.PushSubscription:
     """(Re)create this replica's durable consumer so that it delivers from stream sequence
-    `start_seq` on, and subscribe to it (`deliver_subject`: a fresh inbox of the connection, so
-    nothing still in flight to an earlier pinning arrives on the new subscription).
+    `start_seq` on, and subscribe `deliver` to it (`deliver_subject`: a fresh inbox of the
+    connection, so nothing still in flight to an earlier pinning arrives on the new
+    subscription). At most `max_ack_pending` messages are in flight to the replica: that bounds
+    what it buffers, so the consumer needs no flow control.
 
     The replica owns its position: `start_seq` comes from its database, where it commits in the
     same transaction as the merge it follows. The server's ack floor can lag that (acks in
@@ -188,11 +192,9 @@ async def pin_consumer(js: JetStreamContext, name: str, site_id: str, start_seq:
         ack_wait=ack_wait,
         max_ack_pending=max_ack_pending,
         filter_subject=_filter(name),
-        flow_control=True,
-        idle_heartbeat=5.0,
     )
     info = await js.add_consumer(stream, config)
-    return await js.subscribe_bind(stream, info.config, durable, manual_ack=True)
+    return await js.subscribe_bind(stream, info.config, durable, cb=deliver, manual_ack=True)
 
 
 def limits_for(max_payload: int, limits: Limits | None = None) -> Limits:

@@ -146,7 +146,7 @@ class NatsReplica:
             except RuntimeError:  # the loop already ended (a permanent failure)
                 pass
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.options.api_timeout + 30)
+            self._thread.join(timeout=2 * self.options.api_timeout + 15)  # bounded: see _cancel, _wind_down
         if self._notifier is not None:
             self._notifier.close()
 
@@ -268,9 +268,7 @@ class NatsReplica:
         finally:
             self._live.clear()
             self._publisher = self._consumer = None
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _cancel(tasks)
             await self._wind_down(nc, run_db, inbox, publisher, checkpoints)
 
     async def _connect(self) -> Any:
@@ -289,8 +287,11 @@ class NatsReplica:
         async def disconnected() -> None:
             self._live.clear()
 
-        async def error(exc: Exception) -> None:
-            log.debug("NATS replica %s: %s", self.stream, str(exc) or type(exc).__name__)
+        async def error(exc: Exception) -> None:  # connection attempts failing, among others
+            reason = str(exc) or type(exc).__name__
+            log.debug("NATS replica %s: %s", self.stream, reason)
+            if not self._live.is_set():
+                self.error = TransportError(f"NATS {', '.join(self.servers)}: {reason}")
 
         connecting = asyncio.create_task(nats.connect(
             self.servers, name=f"crdt-sync {self.name} {self.db.site_id}",
@@ -300,9 +301,10 @@ class NatsReplica:
         stop = asyncio.create_task(self._stopping.wait())
         await asyncio.wait([connecting, stop], return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
-        if not connecting.done():
-            connecting.cancel()
-            await asyncio.gather(connecting, return_exceptions=True)
+        if not connecting.done():  # closed while connecting
+            await _cancel([connecting])
+            if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+                await connecting.result().close()  # it connected regardless
             return None
         return connecting.result()
 
@@ -357,6 +359,24 @@ class NatsReplica:
         if outcome.fresh:
             self.counts["pages_applied"] += 1
             self.stats.add(received=len(page.rows), applied=outcome.impacted)
+
+
+async def _cancel(tasks: list[asyncio.Task], patience: float = 10.0) -> None:
+    """Cancel `tasks` and wait for them to end, cancelling again while they run: Python 3.11's
+    wait_for and timeout can swallow a cancellation that races a result (the client library
+    uses them), so one cancel() is not always enough. Gives up after `patience` seconds."""
+    pending = {task for task in tasks if not task.done()}
+    deadline = asyncio.get_running_loop().time() + patience
+    while pending:
+        if asyncio.get_running_loop().time() > deadline:
+            log.warning("tasks did not stop: %s", ", ".join(task.get_name() for task in pending))
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    for task in tasks:  # retrieve what they raised while stopping, so it is not reported as lost
+        if not task.cancelled():
+            task.exception()
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
