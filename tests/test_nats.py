@@ -274,7 +274,43 @@ def test_own_changes_outbox_leaves_out_merged_changes(open_db):
     assert len(rows) == 3 * 3  # three topics of b, three changes each (a's were merged, not sent)
 
 
+def test_own_changes_outbox_passes_over_merged_versions_only(open_db):
+    a, b = open_db("a"), open_db("b")
+    add_topics(a, "a", 2)
+    ensure_tables(b)
+    outbox = Outbox.own_changes(b, 0, Limits())
+    assert outbox.next_page(marker=False) is None  # nothing of its own yet
+    before = b.db_version
+    sync.Peer(b).sync_with(sync.Peer(a))  # versions of a's changes only
+    outbox.pass_over(before, b.db_version)
+    assert outbox.scanned == b.db_version
+    outbox.pass_over(b.db_version + 5, b.db_version + 9)  # not contiguous with what was read: ignored
+    assert outbox.scanned == b.db_version
+    add_topics(b, "b", 1)
+    page = outbox.next_page(marker=False)
+    assert {row[6] for row in page.rows} == {bytes.fromhex(b.site_id)} and len(page.rows) == 3
+    outbox.close()
+
+
 # -- fleets --------------------------------------------------------------------------------
+
+
+def test_what_an_after_apply_hook_writes_during_a_merge_is_published(server, open_db, start):
+    """A hook's writes share the merge's versions (the engine's audit writes repairs so): the
+    publisher must not pass over those versions."""
+    a, b = open_db("a"), open_db("b")
+
+    def answer(tx, merged):
+        for table, key in merged:
+            if table == "topics" and key[0].startswith("ask-"):
+                tx.execute("INSERT OR IGNORE INTO topics (id, name) VALUES (?, 'answer')", ("answer-" + key[0],))
+
+    sync.add_after_apply(b, answer)
+    start(a, server)
+    start(b, server)
+    add_topics(a, "ask", 3)
+    wait_until(lambda: len(topic_ids(a, "answer-")) == 3, what="b's answers, written while merging, to reach a")
+    wait_converged([a, b])
 
 
 def test_five_replicas_converge_with_one_stream_and_a_durable_consumer_each(server, open_db, start):

@@ -39,7 +39,7 @@ give the copy a new site id.
 from __future__ import annotations
 
 from ..errors import StreamGapError
-from .bootstrap import Checkpoint, bootstrap
+from .bootstrap import Checkpoint
 from .layout import NatsOptions, bucket_name, check_name, consumer_name, stream_name, subject_for
 from .replica import NatsReplica, replicate
 
@@ -49,7 +49,6 @@ __all__ = [
     "NatsOptions",
     "StreamGapError",
     "Checkpoint",
-    "bootstrap",
     "check_name",
     "stream_name",
     "subject_for",
