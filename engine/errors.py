@@ -7,7 +7,8 @@
     ├── AlreadyExistsError       a creating method found its row already there
     ├── InvalidTransitionError   a state machine edge that is not allowed
     ├── CorruptDataError         a stored JSON column does not decode
-    └── NotOwnerError            this replica does not own the workflow
+    ├── NotOwnerError            this replica does not own the workflow
+    └── MergeListenerError       an `on_merge` listener failed (the merge is rolled back)
 
 Leaf errors carry the facts as attributes (table, id, column, ...) as well as in the message.
 """
@@ -23,6 +24,7 @@ __all__ = [
     "InvalidTransitionError",
     "CorruptDataError",
     "NotOwnerError",
+    "MergeListenerError",
 ]
 
 
@@ -79,3 +81,7 @@ class NotOwnerError(EngineError):
         super().__init__(
             f"workflow {workflow_id!r} is owned by replica {owner}, not by this replica {local}"
         )
+
+
+class MergeListenerError(EngineError):
+    """A listener registered with `Database.on_merge` raised; its merge was rolled back."""

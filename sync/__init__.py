@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .changes import Limits, PeerWatermark, add_after_apply, watermarks
+from .changes import Limits
 from .errors import (
     ApplyError,
     AuthError,
     CorruptFileError,
+    DuplicateSiteError,
     InvalidChangeError,
     MessageTooLargeError,
     PeerRefusedError,
@@ -30,6 +31,7 @@ from .errors import (
 from .files import export_changes, import_changes
 from .peer import Peer, SyncResult
 from .session import Role, Session, State
+from .watermarks import PeerWatermark, watermarks
 
 __all__ = [
     "Peer",
@@ -39,7 +41,6 @@ __all__ = [
     "State",
     "Limits",
     "PeerWatermark",
-    "add_after_apply",
     "watermarks",
     "export_changes",
     "import_changes",
@@ -53,6 +54,7 @@ __all__ = [
     "InvalidChangeError",
     "AuthError",
     "SchemaMismatchError",
+    "DuplicateSiteError",
     "ApplyError",
     "CorruptFileError",
     "TransportError",

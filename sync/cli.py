@@ -28,11 +28,11 @@ import apsw
 
 from engine import Database, EngineError
 
-from .changes import watermarks
 from .errors import SyncError
 from .files import export_changes, import_changes
 from .peer import Peer
 from .protocol import parse_site_id
+from .watermarks import watermarks
 from .websocket import connect, serve, sync_with_url
 
 __all__ = [
@@ -189,16 +189,7 @@ def _open_existing(path: str) -> Database:
     """
     if path != ":memory:" and not Path(path).is_file():
         raise FileNotFoundError(2, f"no database (create it with `{PROG} init`)", path)
-    return _audited(Database.open(path))
-
-
-def _audited(db: Database) -> Database:
-    """Every merge this command makes is audited for replicated-execution conflicts (the CLI
-    is the roof: it may wire the engine's audit into sync's after-apply hook)."""
-    from engine.replication import install_audit
-
-    install_audit(db)
-    return db
+    return Database.open(path)  # merges are audited for conflicts (on by default)
 
 
 # -- commands ------------------------------------------------------------------------------

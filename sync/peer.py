@@ -16,16 +16,9 @@ from collections.abc import Callable
 
 from engine.database import Database
 
-from .changes import (
-    AfterApply,
-    CrrSchema,
-    Limits,
-    PeerWatermark,
-    add_after_apply,
-    after_apply_hooks,
-    ensure_tables,
-    watermarks,
-)
+from .changes import CrrSchema, Limits
+from .inbox import ensure_staging
+from .watermarks import PeerWatermark, ensure_tables, watermarks
 from .errors import ProtocolError
 from .session import Role, Session, SyncResult
 
@@ -44,8 +37,31 @@ class Peer:
         self.token = token
         self.limits = limits or Limits()
         ensure_tables(db)
-        self.schema = CrrSchema.load(db)
-        self.fingerprint = db.schema_fingerprint
+        ensure_staging(db)
+        self._schema_facts: tuple[int, CrrSchema, str, int] | None = None
+
+    def _facts(self) -> tuple[int, CrrSchema, str, int]:
+        """(schema cookie, CRR schema, fingerprint, schema version), re-read when the file's
+        schema changed — another process may migrate it while this peer serves."""
+        cookie = self.db.schema_cookie
+        if self._schema_facts is None or self._schema_facts[0] != cookie:
+            self._schema_facts = (cookie, CrrSchema.load(self.db), self.db.schema_fingerprint,
+                                  self.db.schema_version)
+        return self._schema_facts
+
+    @property
+    def schema(self) -> CrrSchema:
+        """Which tables and columns a received change may carry."""
+        return self._facts()[1]
+
+    @property
+    def fingerprint(self) -> str:
+        """The schema fingerprint announced in Hello (see `Database.schema_fingerprint`)."""
+        return self._facts()[2]
+
+    @property
+    def schema_version(self) -> int:
+        return self._facts()[3]
 
     @property
     def site_id(self) -> str:
@@ -84,15 +100,6 @@ class Peer:
         server = target.session(Role.SERVER)
         run_in_process(client, server)
         return client.result
-
-    def after_apply(self, hook: AfterApply) -> Callable[[], None]:
-        """Register `hook(tx, merged)` to run inside every merging transaction of this
-        database (see `sync.changes.add_after_apply`); returns its remover."""
-        return add_after_apply(self.db, hook)
-
-    @property
-    def hooks(self) -> list[AfterApply]:
-        return after_apply_hooks(self.db)
 
     def watermarks(self) -> list[PeerWatermark]:
         """What this replica knows of each peer it has synced with (for status displays)."""

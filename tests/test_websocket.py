@@ -326,18 +326,22 @@ def test_data_version_poll_survives_a_failed_read(open_db, monkeypatch):
     must not stop the server from noticing other connections' writes for good."""
     import apsw
 
-    from sync.websocket import ChangeNotifier
+    from engine.notifier import ChangeNotifier
 
     hub, client = open_db("hub"), open_db("client")
     other_connection = open_db("hub")
     real = ChangeNotifier._data_version
     failures = []
 
-    def flaky(self):
+    class Busy:
+        def execute(self, sql):
+            raise apsw.BusyError("simulated: connection busy")
+
+    def flaky(self, watcher):
         if len(failures) < 3:
             failures.append(1)
-            raise apsw.BusyError("simulated: connection busy in another thread")
-        return real(self)
+            return real(self, Busy())
+        return real(self, watcher)
 
     monkeypatch.setattr(ChangeNotifier, "_data_version", flaky)
     with serve(hub) as server, connect(client, server.url) as live:
