@@ -4,6 +4,7 @@
     crdt-sync status app.db
     crdt-sync serve app.db --port 8765 --token s3cret          # until Ctrl-C, live
     crdt-sync sync other.db ws://127.0.0.1:8765 --token s3cret  # one pull+push round
+    crdt-sync sync other.db ws://127.0.0.1:8765 --progress      # with a progress bar
     crdt-sync export app.db --for 0123...cdef changes.bin
     crdt-sync import other.db changes.bin
 
@@ -20,7 +21,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
@@ -32,6 +34,7 @@ from .changes import watermarks
 from .errors import SyncError
 from .files import export_changes, import_changes
 from .peer import Peer
+from .progress import ProgressCallback, SyncProgress
 from .protocol import parse_site_id
 from .websocket import connect, serve, sync_with_url
 
@@ -41,6 +44,7 @@ __all__ = [
     "write_status",
     "register_status_section",
     "CommandError",
+    "ProgressBar",
     "EXIT_OK",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
@@ -118,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("db", metavar="DB", help="path of an existing database file")
     sync.add_argument("url", metavar="URL", help="the server, e.g. ws://127.0.0.1:8765")
     _add_token(sync)
-    sync.add_argument("--quiet", "-q", action="store_true", help="no per-page progress on stderr")
+    shown = sync.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", "-q", action="store_true", help="no progress output on stderr")
+    shown.add_argument(
+        "--progress", action="store_true",
+        help="a progress bar on stderr (changes, MB, rate, ETA) even when it is not a terminal "
+             "(on a terminal it is the default; otherwise one line per page)",
+    )
 
     export = command("export", "Write the changes a peer lacks to a file (air-gapped transfer).", _cmd_export)
     export.add_argument("db", metavar="DB", help="path of an existing database file")
@@ -250,13 +260,60 @@ def _has_table(db: Database, name: str) -> bool:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
-    def progress(pulled: int, pushed: int) -> None:
-        print(f"{PROG}: ... pulled {pulled}, pushed {pushed}", file=sys.stderr, flush=True)
-
-    with _open_existing(args.db) as db:
-        result = sync_with_url(Peer(db), args.url, token=args.token, progress=None if args.quiet else progress)
-        print(f"pulled {result.pulled} changes, pushed {result.pushed} changes ({args.url})")
+    with _open_existing(args.db) as db, _progress_display(args) as progress:
+        result = sync_with_url(Peer(db), args.url, token=args.token, progress=progress)
+    print(f"pulled {result.pulled} changes, pushed {result.pushed} changes ({args.url})")
     return EXIT_OK
+
+
+@contextmanager
+def _progress_display(args: argparse.Namespace) -> Iterator[ProgressCallback | None]:
+    """What `sync` shows while it runs: nothing (--quiet), a bar (--progress, or stderr is a
+    terminal), else one line per page (logs keep a readable record)."""
+    if args.quiet:
+        yield None
+    elif args.progress or sys.stderr.isatty():
+        with ProgressBar(sys.stderr) as bar:
+            yield bar
+    else:
+        yield lambda p: print(f"{PROG}: ... pulled {p.pulled}, pushed {p.pushed}", file=sys.stderr, flush=True)
+
+
+class ProgressBar:
+    """A tqdm bar fed with `SyncProgress` reports: changes (of the estimated total), MB moved,
+    rate and ETA — the estimate's own figures, not tqdm's (see sync.progress for their meaning).
+    On a terminal it redraws at most 10 times a second; elsewhere it writes every report."""
+
+    KNOWN = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} changes{postfix}"
+    UNKNOWN = "{desc}: {n_fmt} changes{postfix}"  # no total estimated yet: no bar, no percentage
+
+    def __init__(self, out: TextIO):
+        from tqdm import tqdm  # imported only when a bar is shown
+
+        self._format_interval = tqdm.format_interval
+        self._bar = tqdm(
+            total=None, file=out, desc=PROG, unit="changes", dynamic_ncols=True,
+            mininterval=0.1 if out.isatty() else 0, bar_format=self.UNKNOWN,
+        )
+
+    def __call__(self, progress: SyncProgress) -> None:
+        eta = "?" if progress.eta_seconds is None else self._format_interval(progress.eta_seconds)
+        self._bar.total = progress.total_changes
+        self._bar.bar_format = self.UNKNOWN if progress.total_changes is None else self.KNOWN
+        self._bar.n = progress.changes
+        self._bar.set_postfix_str(
+            f"{progress.bytes / 1e6:.1f} MB, {progress.rate:,.0f} changes/s, ETA {eta}", refresh=False
+        )
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
