@@ -2,6 +2,7 @@
 
     crdt-sync init app.db
     crdt-sync status app.db
+    crdt-sync doctor app.db                                     # exit 1 when something is wrong
     crdt-sync serve app.db --port 8765 --token s3cret          # until Ctrl-C, live
     crdt-sync sync other.db ws://127.0.0.1:8765 --token s3cret  # one pull+push round
     crdt-sync sync other.db ws://127.0.0.1:8765 --progress      # with a progress bar
@@ -29,8 +30,9 @@ from typing import TextIO
 import apsw
 
 from engine import Database, EngineError
+from engine.doctor import Fact, diagnose, write_diagnosis
 
-from .changes import watermarks
+from .changes import PeerWatermark, watermarks
 from .errors import SyncError
 from .files import export_changes, import_changes
 from .peer import Peer
@@ -117,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="also keep a live connection to this ws:// server (repeatable; makes a relay)",
     )
+
+    doctor = command(
+        "doctor", "Check a replica without changing it (extension, schema, peers, WAL); exit 1 if wrong.",
+        _cmd_doctor,
+    )
+    doctor.add_argument("db", metavar="DB", help="path of the database file to check")
 
     sync = command("sync", "Run one pull-then-push round with a ws:// server and print the counts.", _cmd_sync)
     sync.add_argument("db", metavar="DB", help="path of an existing database file")
@@ -240,18 +248,24 @@ def write_status(db: Database, out: TextIO) -> None:
     with db.reading() as session:
         counts = [(t, session.scalar(f'SELECT count(*) FROM "{t}"')) for t in db.crr_tables]
     print("tables:         " + ", ".join(f"{t} ({n} rows)" for t, n in counts), file=out)
-    peers = watermarks(db) if _has_table(db, "__sync_peers") else []  # never synced: no bookkeeping yet
+    peers = _known_peers(db)
     print(f"known peers:    {len(peers)}", file=out)
     for mark in peers:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mark.updated_at / 1000)) if mark.updated_at else "never"
-        print(
-            f"  {mark.site_id}  received through its db_version {mark.received}, "
-            f"acked through ours {mark.acked}, last sync {when}",
-            file=out,
-        )
+        print(f"  {_describe_peer(mark)}", file=out)
     for section in _status_sections:
         for line in section(db):
             print(line, file=out)
+
+
+def _known_peers(db: Database) -> list[PeerWatermark]:
+    """The peers `db` has synced with (none, and no bookkeeping table, if it never synced)."""
+    return watermarks(db) if _has_table(db, "__sync_peers") else []
+
+
+def _describe_peer(mark: PeerWatermark) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mark.updated_at / 1000)) if mark.updated_at else "never"
+    return (f"{mark.site_id}  received through its db_version {mark.received}, "
+            f"acked through ours {mark.acked}, last sync {when}")
 
 
 def _has_table(db: Database, name: str) -> bool:
@@ -314,6 +328,16 @@ class ProgressBar:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    """The engine's diagnosis (engine.doctor) plus this replica's sync peers."""
+    return write_diagnosis(diagnose(args.db, sections=[_sync_facts]), PROG, sys.stdout, sys.stderr)
+
+
+def _sync_facts(db: Database) -> list[Fact]:
+    peers = _known_peers(db)
+    return [Fact("sync peers", str(len(peers)))] + [Fact("peer", _describe_peer(mark)) for mark in peers]
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -3,8 +3,8 @@
 The module builds the wheel the way `make wheel` does (from a copy of the source tree, so the
 checkout's build/ and dist/ are left alone), installs it into a new venv in a temp folder
 (its dependencies come from the package registry) and runs, from a working directory with no
-checkout in it: the README quickstart, the `crdt-sync` CLI (init, status, serve + sync) and a
-two-replica sync through the API. Every one of them must use the migrations and the
+checkout in it: the README quickstart, the `crdt-sync` CLI (init, status, serve + sync with
+its progress bar, doctor), `python -m engine doctor` and a two-replica sync through the API. Every one of them must use the migrations and the
 cr-sqlite library bundled in the wheel.
 """
 
@@ -62,6 +62,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     )
     assert build.returncode == 0, build.stderr
     (wheel,) = (work / "dist").glob("*.whl")
+    # the bundled copies go into the build directory only: a source tree never holds stale ones
+    assert not (source / "engine" / "_bundled").exists()
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
     install = subprocess.run([*pip, "--python", venv / "bin" / "python", "install", wheel],
@@ -142,9 +144,10 @@ def test_the_cli_inits_shows_status_serves_and_syncs(installed):
         banner = server.stdout.readline()
         assert " on ws://127.0.0.1:" in banner, banner + server.stderr.read()
         url = banner.split(" on ")[1].split(";")[0]
-        done = installed.run("crdt-sync", "sync", str(client), url, "--token", TOKEN, "--quiet")
+        done = installed.run("crdt-sync", "sync", str(client), url, "--token", TOKEN, "--progress")
         assert done.returncode == 0, done.stderr
         assert re.fullmatch(rf"pulled [1-9]\d* changes, pushed 0 changes \({re.escape(url)}\)\n", done.stdout)
+        assert "crdt-sync: 100%|" in done.stderr and " changes/s, ETA " in done.stderr
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
     finally:
@@ -155,3 +158,16 @@ def test_the_cli_inits_shows_status_serves_and_syncs(installed):
     status = installed.run("crdt-sync", "status", str(client))
     assert status.returncode == 0 and "known peers:    1" in status.stdout, status.stderr
     assert "open conflicts: 0" in status.stdout
+    doctor = installed.run("crdt-sync", "doctor", str(client))
+    assert doctor.returncode == 0 and re.search(r"^sync peers: +1$", doctor.stdout, re.MULTILINE), doctor.stderr
+
+
+def test_python_dash_m_engine_doctor_finds_the_bundled_extension(installed):
+    path = installed.cwd / "doctor.db"
+    installed.python(f"from engine import Database\nDatabase.open({str(path)!r}).close()")
+    done = installed.run(installed.bin("python"), "-m", "engine", "doctor", str(path))
+    assert done.returncode == 0, done.stderr
+    extension = re.search(r"^extension: +(.+)$", done.stdout, re.MULTILINE).group(1)
+    assert extension.endswith("/engine/_bundled/crsqlite.so") and extension.startswith(str(installed.venv))
+    missing = installed.run(installed.bin("python"), "-m", "engine", "doctor", "absent.db")
+    assert missing.returncode == 1 and missing.stderr.startswith("python -m engine: error: cannot read absent.db")
