@@ -24,8 +24,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     doctor = commands.add_parser(
         "doctor", help="Check a replica file: extension, versions, site id, schema, conflicts, WAL.",
-        description="Check a replica file without changing it: extension, versions, site id, schema, "
-                    "open conflicts, WAL size. Exit code 1 when something is wrong.",
+        description="Check a replica file (never created nor migrated): extension, versions, site id, "
+                    "schema, open conflicts, WAL size. Exit code 1 when something is wrong.",
     )
     doctor.add_argument("db", metavar="DB", help="path of the database file to check")
     doctor.add_argument("--migrations", metavar="DIR", help="the migrations folder of the schema "

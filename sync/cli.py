@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     doctor = command(
-        "doctor", "Check a replica without changing it (extension, schema, peers, WAL); exit 1 if wrong.",
+        "doctor", "Check a replica, never creating nor migrating it (extension, schema, peers, WAL); exit 1 if wrong.",
         _cmd_doctor,
     )
     doctor.add_argument("db", metavar="DB", help="path of the database file to check")
