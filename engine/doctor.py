@@ -194,7 +194,7 @@ def _replica_facts(db: Database, migrations: str | os.PathLike[str] | None) -> l
 def _schema_fact(applied: int, migrations: str | os.PathLike[str] | None, fingerprint: str) -> Fact:
     """The applied schema version against the latest the code knows."""
     try:
-        known = _migrations.discover(migrations or _migrations.DEFAULT_MIGRATIONS_DIR)
+        known = _migrations.discover(Path(migrations) if migrations else _migrations.DEFAULT_MIGRATIONS_DIR)
     except EngineError as error:
         return Fact("schema version", str(applied), str(error))
     latest = known[-1].version if known else 0
