@@ -30,6 +30,7 @@ from . import migrations as _migrations
 from .clock import Clock, SystemClock
 from .errors import EngineError, ExtensionNotFoundError, MergeListenerError
 from .notifier import DEFAULT_POLL_INTERVAL, ChangeNotifier
+from .resources import data_path
 
 __all__ = [
     "Database",
@@ -43,7 +44,7 @@ __all__ = [
 
 log = logging.getLogger("engine.database")
 
-DEFAULT_EXTENSION = Path(__file__).resolve().parent.parent / "extensions" / "crsqlite.so"
+DEFAULT_EXTENSION = data_path("crsqlite.so", "extensions", "crsqlite.so")  # wheel's copy, else the checkout's
 BUSY_TIMEOUT_MS = 10_000
 READER_POOL_SIZE = 4
 """Reader connections a Database keeps open for `reading()` (more are opened while all are busy)."""
@@ -51,14 +52,20 @@ _ENTRY_POINT = "sqlite3_crsqlite_init"
 
 
 def extension_path(explicit: str | os.PathLike | None = None) -> str:
-    """Where the cr-sqlite library is: the argument, else $CRSQLITE_PATH, else extensions/crsqlite.so.
+    """Where the cr-sqlite library is: the argument, else $CRSQLITE_PATH, else the copy inside
+    the installed wheel, else extensions/crsqlite.so of the source checkout.
 
     Raises:
-        ExtensionNotFoundError: the file is not there (the message says how to build it).
+        ExtensionNotFoundError: the file is not there (the message says how to get one).
     """
-    path = Path(explicit or os.environ.get("CRSQLITE_PATH") or DEFAULT_EXTENSION)
+    if explicit:
+        path, source = Path(explicit), "extension="
+    elif os.environ.get("CRSQLITE_PATH"):
+        path, source = Path(os.environ["CRSQLITE_PATH"]), "CRSQLITE_PATH"
+    else:
+        path, source = DEFAULT_EXTENSION, ""
     if not path.is_file():
-        raise ExtensionNotFoundError(str(path))
+        raise ExtensionNotFoundError(str(path), source=source)
     return str(path)
 
 

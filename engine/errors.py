@@ -33,11 +33,16 @@ class EngineError(Exception):
 
 
 class ExtensionNotFoundError(EngineError):
-    def __init__(self, path: str):
-        self.path = path
+    """`source` says who named `path`: "CRSQLITE_PATH", "extension=", or "" for the default
+    (the copy bundled in the wheel, else the checkout's extensions/crsqlite.so)."""
+
+    def __init__(self, path: str, *, source: str = ""):
+        self.path, self.source = path, source
+        where = f" (from {source})" if source else ""
         super().__init__(
-            f"cr-sqlite extension not found at {path}; build it with `make extension` "
-            f"(runs extensions/build.sh) or point CRSQLITE_PATH at a built crsqlite.so"
+            f"cr-sqlite extension not found at {path}{where}; in a source checkout build it with "
+            f"`make extension` (runs extensions/build.sh), install the wheel from `make wheel` "
+            f"(it bundles crsqlite.so), or point CRSQLITE_PATH at a built crsqlite.so"
         )
 
 

@@ -30,12 +30,14 @@ from .errors import (
 )
 from .files import export_changes, import_changes
 from .peer import Peer, SyncResult
+from .progress import SyncProgress
 from .session import Role, Session, State
 from .watermarks import PeerWatermark, watermarks
 
 __all__ = [
     "Peer",
     "SyncResult",
+    "SyncProgress",
     "Session",
     "Role",
     "State",

@@ -20,6 +20,7 @@ from .changes import CrrSchema, Limits
 from .inbox import ensure_staging
 from .watermarks import PeerWatermark, ensure_tables, watermarks
 from .errors import ProtocolError
+from .progress import ProgressCallback, ProgressMeter
 from .session import Role, Session, SyncResult
 
 __all__ = ["Peer", "SyncResult", "run_in_process"]
@@ -78,8 +79,13 @@ class Peer:
         """A new protocol session for one connection (see sync.session for the contract)."""
         return Session(self, Role(role), token=token, live=live, limits=self.limits, progress=progress)
 
-    def sync_with(self, target: "Peer | str", *, token: str | None = None) -> SyncResult:
+    def sync_with(
+        self, target: "Peer | str", *, token: str | None = None, progress: ProgressCallback | None = None
+    ) -> SyncResult:
         """One round with `target`: pull what it has that we lack, then push what it lacks.
+
+        `progress(SyncProgress)` is called after every page moved (counts, bytes, rate and
+        an estimated ETA; see sync.progress).
 
         Raises:
             AuthError, SchemaMismatchError: the target refused us (as `PeerRefusedError`).
@@ -91,12 +97,12 @@ class Peer:
                 raise ValueError(f"sync target {target!r} is neither a Peer nor a ws:// URL")
             from .websocket import sync_with_url
 
-            return sync_with_url(self, target, token=token)
+            return sync_with_url(self, target, token=token, progress=progress)
         if not isinstance(target, Peer):
             raise TypeError(f"sync target must be a Peer or a ws:// URL, not {type(target).__name__}")
         if target.db is self.db:
             raise ValueError("a peer cannot sync with itself")
-        client = self.session(Role.CLIENT, token=token)
+        client = self.session(Role.CLIENT, token=token, progress=ProgressMeter.wrap(progress))
         server = target.session(Role.SERVER)
         run_in_process(client, server)
         return client.result

@@ -126,6 +126,14 @@ class SyncResult(msgspec.Struct):
     bytes_sent: int = 0
     remote_site: str = ""
     remote_db_version: int = 0
+    # The db_version spans of the round, for progress estimates (sync.progress): we pull the
+    # remote's versions from pull_from up to remote_db_version, and push ours from push_from
+    # up to push_to (our db_version when the push began); *_upto is how far each has got.
+    pull_from: int = 0
+    pulled_upto: int = 0
+    push_from: int = 0
+    push_to: int = 0
+    pushed_upto: int = 0
 
 
 class Session:
@@ -252,6 +260,7 @@ class Session:
         self.result.remote_db_version = hello.db_version
         self._inbox = Inbox(self.db, hello.site_id, self.peer.schema, self.limits, hello.incarnation)
         held = self._held_record(hello)
+        self.result.pull_from = self.result.pulled_upto = held.received
         if self.role is Role.SERVER:
             self.live = hello.live
             self.state = State.SYNCING
@@ -260,6 +269,7 @@ class Session:
             raise ProtocolError("the server's hello lacks the watermark it holds for this client")
         self._check_continues(hello.seen_incarnation, hello.watermark)
         self._push_since = hello.watermark
+        self._push_span(hello.watermark)
         self.state = State.SYNCING
         return [self._encode(Pull(held.received, held.incarnation))]
 
@@ -295,6 +305,7 @@ class Session:
 
     def _on_pull(self, pull: Pull) -> list[bytes]:
         self._check_continues(pull.seen_incarnation, pull.since)
+        self._push_span(pull.since)
         self._outbox = Outbox(self.db, self.remote.site_id, pull.since, self.limits, self._inbox.echo)
         self._may_send = True
         return self._pump()
@@ -304,6 +315,8 @@ class Session:
             raise ProtocolError("changes after the server's stream ended")
         outcome = self._inbox.apply(page)
         if outcome.fresh:
+            if not page.more_parts:
+                self.result.pulled_upto = max(self.result.pulled_upto, page.upto)
             self.result.pulled += len(page.rows)
             self.result.applied += outcome.impacted
             self.result.pages_received += 1
@@ -330,6 +343,8 @@ class Session:
                 f"ack of page upto={page.upto} reports watermark {ack.watermark}: the page was not applied"
             )
         self._in_flight = None
+        if not page.more_parts:
+            self.result.pushed_upto = max(self.result.pushed_upto, page.upto)
         self.result.pushed += len(page.rows)
         self._report()
         self._outbox.acknowledged(ack.watermark)
@@ -418,6 +433,12 @@ class Session:
                 local_version=self.peer.schema_version,
                 remote_version=hello.schema_version,
             )
+
+    def _push_span(self, since: int) -> None:
+        """Record the versions this round pushes: from the remote's watermark for us to our
+        current db_version (commits made meanwhile go too, past the estimate)."""
+        self.result.push_from = self.result.pushed_upto = since
+        self.result.push_to = max(since, self.db.db_version)
 
     def _update_state(self) -> None:
         if self.state is State.SYNCING and self.caught_up:

@@ -113,7 +113,7 @@ def test_sync_with_url_reports_progress_per_page(open_db):
     calls = []
     with serve(hub) as server:
         peer = Peer(client, limits=Limits(page_changes=6))
-        result = sync_with_url(peer, server.url, progress=lambda pulled, pushed: calls.append((pulled, pushed)))
+        result = sync_with_url(peer, server.url, progress=lambda p: calls.append((p.pulled, p.pushed)))
     assert result.pushed == 36 and result.pages_sent >= 6
     assert len(calls) >= 6
     assert calls[-1] == (0, 36)

@@ -6,7 +6,6 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,6 +16,7 @@ from engine import Database
 
 from ..errors import SyncError, TransportError
 from ..peer import Peer
+from ..progress import ProgressCallback, ProgressMeter
 from ..protocol import MAX_MESSAGE_BYTES
 from ..session import Role, Session, SyncResult
 from .channel import CLOSE_TIMEOUT, Channel, TransportStats
@@ -76,7 +76,7 @@ def sync_with_url(
     url: str,
     *,
     token: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressCallback | None = None,
     idle_timeout: float = 60.0,
     open_timeout: float = OPEN_TIMEOUT,
     max_size: int = MAX_MESSAGE_BYTES,
@@ -84,7 +84,7 @@ def sync_with_url(
     """One bidirectional round (pull, then push) with the server at `url`; what `Peer.sync_with`
     does for a ws:// target.
 
-    `progress(pulled, pushed)` is called after every page (the CLI prints it). Returns the
+    `progress(SyncProgress)` is called after every page (see sync.progress). Returns the
     client session's `SyncResult` (`result.pulled`, `result.pushed`).
 
     Raises:
@@ -93,8 +93,7 @@ def sync_with_url(
         SyncError: a refusal, as the subclass that says why (`AuthError`, `SchemaMismatchError`,
             `ProtocolError`, ... — see sync.errors).
     """
-    report = (lambda result: progress(result.pulled, result.pushed)) if progress else None
-    session = peer.session(Role.CLIENT, token=token, live=False, progress=report)
+    session = peer.session(Role.CLIENT, token=token, live=False, progress=ProgressMeter.wrap(progress))
     try:
         ws = _open(url, max_size=max_size, open_timeout=open_timeout)
         channel = Channel(ws, session, label=f"sync {url}")
