@@ -8,6 +8,7 @@
     crdt-sync sync other.db ws://127.0.0.1:8765 --progress      # with a progress bar
     crdt-sync export app.db --for 0123...cdef changes.bin
     crdt-sync import other.db changes.bin
+    crdt-sync clone copied.db fresh.db
 
 This module is the roof's edge: it is the one place where errors become one line on stderr and
 a non-zero exit code (`EngineError`, `SyncError`, `OSError`, APSW errors). Everything below it
@@ -146,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("file", metavar="FILE", help="file to write")
 
+    clone = command(
+        "clone", "Copy a replica to a new file with a site id of its own (the fix for a copied file or "
+        "a restored backup that sync refuses as a duplicate site).", _cmd_clone,
+    )
+    clone.add_argument("src", metavar="SRC", help="path of the existing database file to copy")
+    clone.add_argument("dst", metavar="DST", help="path of the new file (must not exist)")
+
     imp = command("import", "Apply a file written by `export` (all or nothing).", _cmd_import)
     imp.add_argument("db", metavar="DB", help="path of an existing database file")
     imp.add_argument("file", metavar="FILE", help="file written by `crdt-sync export`")
@@ -221,6 +229,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
     with Database.open(args.db) as db:
         verb = "opened existing" if existed else "created"
         print(f"{verb} {args.db}: site id {db.site_id}, schema version {db.schema_version}")
+    return EXIT_OK
+
+
+def _cmd_clone(args: argparse.Namespace) -> int:
+    with _open_existing(args.src) as db:
+        site = db.clone_to(args.dst)
+        print(f"cloned {args.src} to {args.dst}: site id {site} (was {db.site_id}); use {args.dst} from now on")
     return EXIT_OK
 
 
