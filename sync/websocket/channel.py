@@ -21,9 +21,9 @@ from websockets.exceptions import ConnectionClosed
 from engine import Database
 
 from ..errors import TransportError
-from ..session import Session
+from ..session import Session, SyncResult
 
-__all__ = ["Channel", "TransportStats", "CLOSE_TIMEOUT"]
+__all__ = ["Channel", "TransportStats", "CLOSE_TIMEOUT", "INBOX_FRAMES", "closed_reason"]
 
 log = logging.getLogger("sync.websocket")
 
@@ -48,6 +48,13 @@ class TransportStats:
             self.changes_received += received
             self.changes_applied += applied
 
+    def follow(self, result: SyncResult, counted: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Add what a session moved since `counted` (its pushed, pulled, applied when last
+        counted); returns the new `counted`."""
+        pushed, pulled, applied = counted
+        self.add(sent=result.pushed - pushed, received=result.pulled - pulled, applied=result.applied - applied)
+        return result.pushed, result.pulled, result.applied
+
     def __repr__(self) -> str:
         return (
             f"<TransportStats connections={self.connections} sent={self.changes_sent} "
@@ -55,10 +62,22 @@ class TransportStats:
         )
 
 
+def closed_reason(exc: ConnectionClosed | None) -> str:
+    """Why a connection ended, in words (for errors and logs), from its close exception."""
+    if exc is None:
+        return "closed"
+    frame = exc.rcvd or exc.sent
+    if frame is not None and frame.code == _CLOSE_TOO_BIG:
+        return "a message exceeded the size limit (WebSocket close 1009)"
+    if frame is None:
+        return "connection lost without a close frame"
+    return f"closed with code {frame.code}" + (f" ({frame.reason})" if frame.reason else "")
+
+
 
 _CLOSED = object()  # inbox token: the connection is gone
 _WAKE = object()  # inbox token: look at the wake flag
-_INBOX_FRAMES = 64  # a well-behaved peer has one page and one ack in flight; this bounds a flood
+INBOX_FRAMES = 64  # a well-behaved peer has one page and one ack in flight; this bounds a flood
 
 
 class Channel:
@@ -77,7 +96,7 @@ class Channel:
         self.label = label
         self.stats = stats
         self.close_exc: ConnectionClosed | None = None
-        self._inbox: queue.Queue = queue.Queue(maxsize=_INBOX_FRAMES)
+        self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_FRAMES)
         self._wake_pending = threading.Event()
         self._counted = (0, 0, 0)
 
@@ -166,21 +185,9 @@ class Channel:
 
     def _count(self) -> None:
         """Add the session's progress since the last call to the owner's counters."""
-        if self.stats is None:
-            return
-        result = self.session.result
-        pushed, pulled, applied = self._counted
-        self.stats.add(sent=result.pushed - pushed, received=result.pulled - pulled, applied=result.applied - applied)
-        self._counted = (result.pushed, result.pulled, result.applied)
+        if self.stats is not None:
+            self._counted = self.stats.follow(self.session.result, self._counted)
 
     def closed_reason(self) -> str:
         """Why the connection ended, in words (for errors and logs)."""
-        exc = self.close_exc
-        if exc is None:
-            return "closed"
-        frame = exc.rcvd or exc.sent
-        if frame is not None and frame.code == _CLOSE_TOO_BIG:
-            return "a message exceeded the size limit (WebSocket close 1009)"
-        if frame is None:
-            return "connection lost without a close frame"
-        return f"closed with code {frame.code}" + (f" ({frame.reason})" if frame.reason else "")
+        return closed_reason(self.close_exc)

@@ -21,7 +21,7 @@ from ..protocol import MAX_MESSAGE_BYTES
 from ..session import Role, Session, SyncResult
 from .channel import CLOSE_TIMEOUT, Channel, TransportStats
 
-__all__ = ["sync_with_url", "connect", "LiveClient", "check_url"]
+__all__ = ["sync_with_url", "connect", "LiveClient", "check_url", "connect_failed", "round_result", "CONNECT_ERRORS"]
 
 log = logging.getLogger("sync.websocket")
 
@@ -63,12 +63,34 @@ def _open(url: str, *, max_size: int, open_timeout: float) -> Any:
             proxy=None,
             legacy=True,  # a plain connection: the channel owns and closes it
         )
-    except InvalidURI as exc:
-        raise TransportError(f"bad URL {url!r}: {exc}", url=url) from exc
-    except (OSError, TimeoutError, InvalidHandshake, WebSocketException) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
-        raise TransportError(f"cannot connect to {url}: {reason}", url=url) from exc
+    except CONNECT_ERRORS as exc:
+        raise connect_failed(url, exc) from exc
 
+
+CONNECT_ERRORS = (InvalidURI, OSError, TimeoutError, InvalidHandshake, WebSocketException)
+"""What opening a WebSocket raises (threaded and asyncio APIs alike)."""
+
+
+def connect_failed(url: str, exc: BaseException) -> TransportError:
+    """The TransportError for a failed connection attempt (`exc` one of CONNECT_ERRORS)."""
+    if isinstance(exc, InvalidURI):
+        return TransportError(f"bad URL {url!r}: {exc}", url=url)
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
+    return TransportError(f"cannot connect to {url}: {reason}", url=url)
+
+
+def round_result(session: Session, url: str, reason: str) -> SyncResult:
+    """The outcome of a one-shot round whose connection has ended (`reason`: how).
+
+    Raises:
+        SyncError: the session failed (its refusal or the remote's).
+        TransportError: the connection ended before the round finished.
+    """
+    if session.failed:
+        session.raise_for_error()
+    if not session.finished:
+        raise TransportError(f"{url}: {reason} before the round finished", url=url)
+    return session.result
 
 
 def sync_with_url(
@@ -98,11 +120,7 @@ def sync_with_url(
         ws = _open(url, max_size=max_size, open_timeout=open_timeout)
         channel = Channel(ws, session, label=f"sync {url}")
         channel.run(idle_timeout=idle_timeout)
-        if session.failed:
-            session.raise_for_error()
-        if not session.finished:
-            raise TransportError(f"{url}: {channel.closed_reason()} before the round finished", url=url)
-        return session.result
+        return round_result(session, url, channel.closed_reason())
     finally:
         session.close()
 

@@ -15,7 +15,7 @@ from ..protocol import MAX_MESSAGE_BYTES
 from ..session import Role
 from .channel import CLOSE_TIMEOUT, Channel, TransportStats
 
-__all__ = ["serve", "SyncServer"]
+__all__ = ["serve", "SyncServer", "server_url", "remote_address"]
 
 log = logging.getLogger("sync.websocket")
 
@@ -51,8 +51,7 @@ class SyncServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}"
+        return server_url(self.host, self.port)
 
     def _serve(self) -> None:
         """Thread entry: accept connections until `close()`."""
@@ -64,7 +63,7 @@ class SyncServer:
     def _handle(self, ws: Any) -> None:
         """Connection entry (one thread each, started by websockets): run one session."""
         self.stats.add(connections=1)
-        label = f"server :{self.port} <- {_address(ws)}"
+        label = f"server :{self.port} <- {remote_address(ws)}"
         session = self.peer.session(Role.SERVER)
         channel = Channel(ws, session, label=label, stats=self.stats)
         try:
@@ -99,7 +98,12 @@ class SyncServer:
         return f"<SyncServer {self.url} db={self.db.path}>"
 
 
-def _address(ws: Any) -> str:
+def server_url(host: str, port: int) -> str:
+    """The ws:// URL clients use for a server bound to (host, port)."""
+    return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
+
+
+def remote_address(ws: Any) -> str:
     try:
         host, port = ws.remote_address[:2]
         return f"{host}:{port}"
