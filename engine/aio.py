@@ -36,6 +36,9 @@ asyncio lock), so a task never blocks the loop waiting for another task's transa
 Inside a block, do not wait for another task's writes outside it: they wait for the
 transaction to end (a deadlock, as with two threads in synchronous code).
 
+Listeners registered through the proxy (`await adb.on_change(fn)`) run where the Database
+runs them (the notifier's thread); `sync.aio.watch` is the change feed for asyncio code.
+
 Cancellation: a call not yet started is dropped; one already running in its worker
 finishes (a store call is one transaction: it is then whole). A block left by an exception
 or a cancellation rolls back.
@@ -241,7 +244,9 @@ class AsyncDatabase:
         """A write transaction on the writer thread: BEGIN IMMEDIATE, COMMIT at the end of the
         block, ROLLBACK when it raises (or is cancelled). Calls awaited in the block join it;
         `tx` is the transaction's `Session` as a proxy (`await tx.execute(sql, params)`), and
-        may be passed as `tx=` to store calls. Nested in the same task it is a SAVEPOINT.
+        may be passed as `tx=` to store calls. Nested in the same task it is a SAVEPOINT
+        (tasks started inside the block share the transaction as threads never do in
+        synchronous code: open nested blocks from one task at a time).
 
         Raises:
             EngineError: the database is closed.
@@ -325,6 +330,13 @@ class AsyncDatabase:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    async def __aenter__(self) -> "AsyncDatabase":
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
 
     def __repr__(self) -> str:
         return f"<AsyncDatabase {self.db.path}{' closed' if self._closed else ''}>"

@@ -417,11 +417,15 @@ BIG_SYNC_CHANGES = 200_000
 @aio
 async def test_the_loop_keeps_running_during_a_200k_change_sync(open_db):
     """A 1 ms ticker runs beside a 200k-change round in which the asyncio server and the
-    asyncio client share this one loop. The bound: a session step run on the loop instead of
-    a worker (one 10k-change page merged) shows as a gap of about 200 ms on this machine,
-    a whole round on the loop as seconds; what remains here is the GIL passing between
-    threads (5 ms switch interval; msgspec decodes a page holding it for ~6 ms) and the OS
-    scheduler of a loaded machine. The measured figures are printed."""
+    asyncio client share this one loop.
+
+    What a blocked loop looks like here (measured by running the session's steps on the
+    loop instead of in workers): a stall of ~200 ms for every 10k-change page, 20 of them.
+    What remains with the workers is the GIL passing between threads (5 ms switch interval;
+    msgspec decodes a page holding it for ~6 ms) and, on a loaded machine, the OS scheduler,
+    which once in a while delays any thread by tens of ms whatever it runs. So the test
+    bounds the 99th percentile of the lag (a few ms) and allows at most two stalls over
+    50 ms (noise; a blocked loop has one per page). The figures are printed."""
     a, b = open_db("a", audit=False), open_db("b", audit=False)
     add_topics(a, "big", groups=BIG_SYNC_CHANGES // 3000 + 1, rows=1000)
     total = own_changes(a)
@@ -444,9 +448,12 @@ async def test_the_loop_keeps_running_during_a_200k_change_sync(open_db):
     elapsed = time.perf_counter() - started
     done.set()
     await ticking
-    worst = max(gaps)
-    print(f"\n200k sync: {result.pulled} changes in {elapsed:.1f}s; loop lag max {worst * 1000:.1f} ms, "
-          f"p99 {sorted(gaps)[int(len(gaps) * 0.99)] * 1000:.2f} ms over {len(gaps)} ticks")
+    gaps.sort()
+    p50, p99, worst = gaps[len(gaps) // 2], gaps[int(len(gaps) * 0.99)], gaps[-1]
+    stalls = [gap for gap in gaps if gap > 0.050]
+    print(f"\n200k sync: {result.pulled} changes in {elapsed:.1f}s ({result.pages_received} pages); loop lag "
+          f"p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms, max {worst * 1000:.1f} ms over {len(gaps)} ticks")
     assert result.pulled == total
     assert len(topic_ids(b)) == len(topic_ids(a))
-    assert worst < 0.100, f"the event loop stalled for {worst * 1000:.0f} ms"
+    assert p99 < 0.020, f"99th percentile of the loop lag: {p99 * 1000:.1f} ms"
+    assert len(stalls) <= 2, f"the event loop stalled {len(stalls)} times: {[round(g * 1000) for g in stalls]} ms"

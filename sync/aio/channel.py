@@ -11,6 +11,7 @@ thread and hands over to the loop (`loop_listener`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -26,6 +27,8 @@ from ..session import Session
 from ..websocket.channel import INBOX_FRAMES, TransportStats, closed_reason
 
 __all__ = ["AsyncChannel", "Lane", "loop_listener"]
+
+log = logging.getLogger("sync.aio")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -135,6 +138,7 @@ class AsyncChannel:
             if unsubscribe is not None:
                 unsubscribe()
             reader.cancel()
+            await asyncio.wait({reader})
             self._count()
 
     async def _send(self, frames: list[bytes]) -> None:
@@ -148,6 +152,8 @@ class AsyncChannel:
                 await self._inbox.put(await self.ws.recv(decode=False))
         except ConnectionClosed as exc:
             self.close_exc = exc
+        except Exception:
+            log.exception("%s: reading failed", self.label)
         finally:
             try:
                 self._inbox.put_nowait(_CLOSED)

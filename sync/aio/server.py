@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from types import TracebackType
 
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
@@ -68,6 +69,8 @@ class AsyncSyncServer:
         Raises:
             OSError: the address cannot be bound.
         """
+        if self._server is not None:
+            return self
         if self.peer is None:
             self.peer = await asyncio.to_thread(Peer, self.db, self.token)
         self._server = await ws_serve(self._handle, self.host, self.port, max_size=self.max_size,
@@ -105,6 +108,13 @@ class AsyncSyncServer:
         self._server.close()
         await self._server.wait_closed()
         log.info("asyncio sync server %s closed", self.url)
+
+    async def __aenter__(self) -> "AsyncSyncServer":
+        return await self.start()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
 
     def __repr__(self) -> str:
         return f"<AsyncSyncServer {self.url} db={self.db.path}>"

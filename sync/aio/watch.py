@@ -13,7 +13,8 @@ A wake reads the span of db_versions from the last one delivered up to the curre
 batches of at most `max_changes` rows (a transaction larger than that arrives in several
 consecutive batches). The span is read by one statement on a reader connection borrowed for
 the span's life, in a worker thread, so a huge transaction costs one pass, and nothing is
-held between spans. cr-sqlite keeps current state only: a change overwritten before it was
+held between spans (a ":memory:" database has a single connection, which the feed then
+shares with the writer: watch files). cr-sqlite keeps current state only: a change overwritten before it was
 read arrives once, with its newer version.
 """
 
