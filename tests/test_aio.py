@@ -191,6 +191,51 @@ async def test_a_cancelled_transaction_rolls_back_and_frees_the_writer(open_adb)
 
 
 @aio
+async def test_a_write_outside_an_open_transaction_waits_in_its_worker_not_on_the_loop(open_adb):
+    async with open_adb("a") as adb:
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def holder() -> None:
+            async with adb.transaction():
+                await adb.topics.create("wf", "first")
+                entered.set()
+                await release.wait()
+
+        holding = asyncio.create_task(holder())
+        await entered.wait()
+        waiting = asyncio.create_task(adb.topics.create("wf", "second"))   # another task: the pool
+        assert await adb.topics.list("wf") == []        # reads go on meanwhile (reader connections)
+        assert not waiting.done()
+        release.set()
+        await asyncio.gather(holding, waiting)
+        assert sorted(t.name for t in await adb.topics.list("wf")) == ["first", "second"]
+
+
+@aio
+async def test_a_transaction_cancelled_while_begin_waits_is_rolled_back(open_adb, tmp_path):
+    from engine.database import close_connection, connect
+
+    async with open_adb("a") as adb:
+        other = connect(str(tmp_path / "a.db"))          # another connection holds the write lock
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            task = asyncio.create_task(adb.transaction().__aenter__())
+            async with asyncio.timeout(10):              # until the writer thread is inside BEGIN
+                while adb.db._lock.acquire(blocking=False):
+                    adb.db._lock.release()
+                    await asyncio.sleep(0.001)  # sleep-ok: polling a lock state, bounded by the timeout
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            other.execute("ROLLBACK")
+            close_connection(other)
+        async with adb.transaction():                    # the abandoned BEGIN was rolled back
+            await adb.topics.create("wf", "next")
+        assert [t.name for t in await adb.topics.list("wf")] == ["next"]
+
+
+@aio
 async def test_close_waits_for_an_open_transaction_and_is_refused_inside_one(open_adb):
     adb = await open_adb("a")
     entered, release = asyncio.Event(), asyncio.Event()
