@@ -1,6 +1,9 @@
 """`crdt-sync`: the command line for replicas — create, inspect, serve, sync, export, import.
 
-    crdt-sync init app.db
+    crdt-sync init app.db                                       # also creates its key pair
+    crdt-sync id app.db                                         # print its public key
+    crdt-sync trust app.db ed25519:... --name laptop --can write [--tables events,topics]
+    crdt-sync untrust app.db ed25519:...
     crdt-sync status app.db
     crdt-sync serve app.db --port 8765 --token s3cret          # until Ctrl-C, live
     crdt-sync sync other.db ws://127.0.0.1:8765 --token s3cret  # one pull+push round
@@ -31,8 +34,10 @@ from engine import Database, EngineError
 from .changes import watermarks
 from .errors import SyncError
 from .files import export_changes, import_changes
+from .identity import load_identity, parse_public_key
 from .peer import Peer
 from .protocol import parse_site_id
+from .trust import Grant, trust_peer, trusted_peers, untrust_peer
 from .websocket import connect, serve, sync_with_url
 
 __all__ = [
@@ -95,8 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    init = command("init", "Create a replica (or migrate an existing one) and print its site id.", _cmd_init)
+    init = command("init", "Create a replica (or migrate an existing one) with its key pair; print its site id and public key.", _cmd_init)
     init.add_argument("db", metavar="DB", help="path of the database file to create")
+
+    ident = command("id", "Print the replica's public key (creating its key pair if it has none).", _cmd_id)
+    ident.add_argument("db", metavar="DB", help="path of an existing database file")
+
+    trust = command("trust", "Admit a peer's public key, read-only or read-write (again: change its grant).", _cmd_trust)
+    trust.add_argument("db", metavar="DB", help="path of an existing database file")
+    trust.add_argument("public_key", metavar="PUBKEY", type=_public_key, help="the peer's key as `crdt-sync id` prints it (ed25519:...)")
+    trust.add_argument("--name", required=True, help="a name for the peer, shown in logs and errors (e.g. laptop)")
+    trust.add_argument("--can", required=True, choices=[g.value for g in Grant], help="read: may pull only; write: may pull and push")
+    trust.add_argument(
+        "--tables", type=_table_list, default=(), metavar="T1,T2",
+        help="with --can write: the only tables it may write (comma-separated; default: all)",
+    )
+
+    untrust = command("untrust", "Remove a peer's public key from the trust list.", _cmd_untrust)
+    untrust.add_argument("db", metavar="DB", help="path of an existing database file")
+    untrust.add_argument("public_key", metavar="PUBKEY", type=_public_key, help="the key to remove (ed25519:...)")
 
     status = command("status", "Show a replica's site id, db_version, schema and known peers.", _cmd_status)
     status.add_argument("db", metavar="DB", help="path of an existing database file")
@@ -140,6 +162,23 @@ def _site_id(text: str) -> str:
         return parse_site_id(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _public_key(text: str) -> str:
+    """argparse type: a public key as `crdt-sync id` prints it."""
+    try:
+        parse_public_key(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text.strip()
+
+
+def _table_list(text: str) -> tuple[str, ...]:
+    """argparse type: `a,b` -> ('a', 'b'); the names are checked against the schema later."""
+    tables = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not tables:
+        raise argparse.ArgumentTypeError("expected table names separated by commas")
+    return tables
 
 
 def _add_token(parser: argparse.ArgumentParser) -> None:
@@ -212,6 +251,34 @@ def _cmd_init(args: argparse.Namespace) -> int:
     with Database.open(args.db) as db:
         verb = "opened existing" if existed else "created"
         print(f"{verb} {args.db}: site id {db.site_id}, schema version {db.schema_version}")
+        print(f"public key {load_identity(db).public_text}")
+    return EXIT_OK
+
+
+def _cmd_id(args: argparse.Namespace) -> int:
+    with _open_existing(args.db) as db:
+        print(load_identity(db).public_text)
+    return EXIT_OK
+
+
+def _cmd_trust(args: argparse.Namespace) -> int:
+    with _open_existing(args.db) as db:
+        own = load_identity(db, create=False)
+        if own is not None and parse_public_key(args.public_key) == own.public_key:
+            raise CommandError("that is this replica's own key; give the peer's key (`crdt-sync id` on the peer)")
+        try:
+            entry = trust_peer(db, args.public_key, name=args.name, can=args.can, tables=args.tables)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+    print(f"trusted {entry.describe()}")
+    return EXIT_OK
+
+
+def _cmd_untrust(args: argparse.Namespace) -> int:
+    with _open_existing(args.db) as db:
+        if not untrust_peer(db, args.public_key):
+            raise CommandError(f"{args.public_key} is not in the trust list of {args.db}")
+    print(f"untrusted {args.public_key}")
     return EXIT_OK
 
 
@@ -225,6 +292,8 @@ def write_status(db: Database, out: TextIO) -> None:
     """Print the facts of `db`: identity, clock, schema, CRR tables, peers, extra sections."""
     print(f"database:       {db.path}", file=out)
     print(f"site id:        {db.site_id}", file=out)
+    identity = load_identity(db, create=False)
+    print(f"public key:     {identity.public_text if identity else '(none yet: `crdt-sync id` creates it)'}", file=out)
     print(f"db_version:     {db.db_version}", file=out)
     print(f"schema version: {db.schema_version} (fingerprint {db.schema_fingerprint})", file=out)
     with db.reading() as session:
@@ -239,6 +308,10 @@ def write_status(db: Database, out: TextIO) -> None:
             f"acked through ours {mark.acked}, last sync {when}",
             file=out,
         )
+    trusted = trusted_peers(db)
+    print(f"trusted peers:  {len(trusted)}", file=out)
+    for entry in trusted:
+        print(f"  {entry.describe()}", file=out)
     for section in _status_sections:
         for line in section(db):
             print(line, file=out)
