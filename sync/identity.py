@@ -49,6 +49,7 @@ __all__ = [
     "create_identity",
     "format_public_key",
     "parse_public_key",
+    "public_key_bytes",
     "verify_signature",
 ]
 
@@ -128,6 +129,20 @@ def parse_public_key(text: str) -> bytes:
     if len(raw) != PUBLIC_KEY_BYTES or format_public_key(raw) != text:
         raise ValueError(f"{text!r} is not a public key: expected {PUBLIC_KEY_BYTES} bytes in canonical base64url")
     return raw
+
+
+def public_key_bytes(key: str | bytes | None) -> bytes | None:
+    """A public key given as text (`ed25519:...`) or raw bytes, as raw bytes (None stays None).
+
+    Raises:
+        ValueError: not a public key.
+    """
+    if key is None:
+        return None
+    if isinstance(key, bytes):
+        format_public_key(key)  # checks the size
+        return key
+    return parse_public_key(key)
 
 
 def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import ssl as ssl_module
 import threading
 import time
 from collections.abc import Callable
@@ -43,10 +44,12 @@ from websockets.sync.server import serve as ws_serve
 
 from engine import Database, EngineError
 
-from .errors import SyncError, TransportError
+from .errors import SyncError, TLSError, TransportError
+from .identity import public_key_bytes
 from .peer import Peer
 from .protocol import MAX_MESSAGE_BYTES
 from .session import Role, Session, SyncResult
+from .tls import channel_binding
 
 __all__ = [
     "serve",
@@ -327,10 +330,18 @@ def _check_url(url: str) -> tuple[str, int]:
     return host, port or (443 if parts.scheme == "wss" else 80)
 
 
-def _open(url: str, *, max_size: int, open_timeout: float) -> Any:
-    """Open a WebSocket client connection.
+def _check_tls_args(url: str, ssl: ssl_module.SSLContext | None) -> None:
+    """Raises:
+        ValueError: a TLS context for a ws:// URL (it would silently not be used)."""
+    if ssl is not None and not url.startswith("wss://"):
+        raise ValueError(f"ssl= was given but {url!r} is not a wss:// URL")
+
+
+def _open(url: str, *, max_size: int, open_timeout: float, ssl: ssl_module.SSLContext | None = None) -> Any:
+    """Open a WebSocket client connection (TLS for wss://: `ssl`, or the system's CAs).
 
     Raises:
+        TLSError: TLS failed: a refused certificate, or one side does not speak TLS.
         TransportError: the server is unreachable or the WebSocket handshake failed.
     """
     _check_url(url)
@@ -342,13 +353,40 @@ def _open(url: str, *, max_size: int, open_timeout: float) -> Any:
             max_size=max_size,
             compression=None,
             proxy=None,
+            ssl=ssl,
             legacy=True,  # a plain connection: the channel owns and closes it
         )
     except InvalidURI as exc:
         raise TransportError(f"bad URL {url!r}: {exc}", url=url) from exc
-    except (OSError, TimeoutError, InvalidHandshake, WebSocketException) as exc:
+    except ssl_module.SSLError as exc:
+        raise _tls_error(url, exc) from exc
+    except InvalidHandshake as exc:
+        if url.startswith("ws://") and _looks_like_tls(exc):
+            raise TLSError(f"cannot connect to {url}: the server speaks TLS; use wss:// (and ssl=)", url=url) from exc
+        reason = str(exc) or type(exc).__name__
+        raise TransportError(f"cannot connect to {url}: {reason}", url=url) from exc
+    except (OSError, TimeoutError, WebSocketException) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
         raise TransportError(f"cannot connect to {url}: {reason}", url=url) from exc
+
+
+def _tls_error(url: str, exc: ssl_module.SSLError) -> TLSError:
+    """The TLSError for a failed TLS handshake, saying what to change."""
+    if isinstance(exc, ssl_module.SSLCertVerificationError):
+        hint = "the server's certificate was refused (pass ssl=client_context(cafile=...) / --cafile)"
+    elif "WRONG_VERSION_NUMBER" in (exc.reason or "") or "wrong version number" in str(exc):
+        hint = "the server does not speak TLS; use ws://"
+    else:
+        hint = "TLS handshake failed"
+    detail = exc.reason or str(exc)
+    return TLSError(f"cannot connect to {url}: {hint} ({detail})", url=url)
+
+
+def _looks_like_tls(exc: BaseException) -> bool:
+    """Did a plaintext HTTP request get a TLS record (an alert) or nothing back? A TLS server
+    answers `GET` with a protocol alert or closes at once: either way no HTTP response."""
+    text = " ".join(str(e) for e in (exc, exc.__cause__) if e is not None)
+    return "\\x15\\x03" in text or "did not receive a valid HTTP response" in text or "connection closed while reading HTTP status line" in text
 
 
 # -- one round -----------------------------------------------------------------------------
@@ -359,6 +397,8 @@ def sync_with_url(
     url: str,
     *,
     token: str | None = None,
+    server_key: str | bytes | None = None,
+    ssl: ssl_module.SSLContext | None = None,
     progress: Callable[[int, int], None] | None = None,
     idle_timeout: float = 60.0,
     open_timeout: float = OPEN_TIMEOUT,
@@ -368,18 +408,27 @@ def sync_with_url(
     does for a ws:// target.
 
     `progress(pulled, pushed)` is called after every page (the CLI prints it). Returns the
-    client session's `SyncResult` (`result.pulled`, `result.pushed`).
+    client session's `SyncResult` (`result.pulled`, `result.pushed`). `server_key`: the key
+    the server must prove; `ssl`: the TLS context for a wss:// URL (sync.tls).
 
     Raises:
+        TLSError: TLS failed (a refused certificate, ws:// against a TLS server or the reverse).
         TransportError: bad URL, server unreachable, connection lost mid-round or silent for
             `idle_timeout` seconds (nothing is lost: the next round resumes from watermarks).
+        ValueError: `ssl` for a ws:// URL, or `server_key` is not a public key.
         SyncError: a refusal, as the subclass that says why (`AuthError`, `SchemaMismatchError`,
             `ProtocolError`, ... — see sync.errors).
     """
     report = (lambda result: progress(result.pulled, result.pushed)) if progress else None
-    session = peer.session(Role.CLIENT, token=token, live=False, progress=report)
+    _check_tls_args(url, ssl)
+    ws = _open(url, max_size=max_size, open_timeout=open_timeout, ssl=ssl)
     try:
-        ws = _open(url, max_size=max_size, open_timeout=open_timeout)
+        session = peer.session(Role.CLIENT, token=token, live=False, progress=report, server_key=server_key,
+                               binding=channel_binding(ws.socket))
+    except BaseException:
+        ws.close()
+        raise
+    try:
         channel = _Channel(ws, session, label=f"sync {url}")
         channel.run(idle_timeout=idle_timeout)
         if session.failed:
@@ -405,20 +454,26 @@ class SyncServer:
         *,
         token: str | None = None,
         peer: Peer | None = None,
+        require_keys: bool = False,
+        ssl: ssl_module.SSLContext | None = None,
         poll_interval: float | None = DEFAULT_POLL_INTERVAL,
         max_size: int = MAX_MESSAGE_BYTES,
     ):
         if peer is not None and token is not None and peer.token != token:
             raise ValueError("serve(): token= differs from peer.token; give the token to the Peer only")
+        if peer is not None and require_keys and not peer.require_keys:
+            raise ValueError("serve(): require_keys=True but the peer does not require keys; set it on the Peer")
         self.db = db
-        self.peer = peer or Peer(db, token=token)
+        self.peer = peer or Peer(db, token=token, require_keys=require_keys)
+        self.tls = ssl is not None
         self.stats = TransportStats()
         self._closed = False
         self._lock = threading.Lock()
         self._notifier = ChangeNotifier(db, poll_interval=poll_interval)
         try:
             self._server = ws_serve(
-                self._handle, host, port, max_size=max_size, compression=None, close_timeout=CLOSE_TIMEOUT
+                self._handle, host, port, max_size=max_size, compression=None, close_timeout=CLOSE_TIMEOUT,
+                ssl=ssl,
             )
         except BaseException:
             self._notifier.close()
@@ -432,7 +487,7 @@ class SyncServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}"
+        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}"
 
     def _serve(self) -> None:
         """Thread entry: accept connections until `close()`."""
@@ -445,7 +500,7 @@ class SyncServer:
         """Connection entry (one thread each, started by websockets): run one session."""
         self.stats.add(connections=1)
         label = f"server :{self.port} <- {_address(ws)}"
-        session = self.peer.session(Role.SERVER)
+        session = self.peer.session(Role.SERVER, binding=channel_binding(ws.socket))
         channel = _Channel(ws, session, label=label, stats=self.stats)
         try:
             channel.run(notifier=self._notifier)
@@ -495,6 +550,8 @@ def serve(
     *,
     token: str | None = None,
     peer: Peer | None = None,
+    require_keys: bool = False,
+    ssl: ssl_module.SSLContext | None = None,
     poll_interval: float | None = DEFAULT_POLL_INTERVAL,
     max_size: int = MAX_MESSAGE_BYTES,
 ) -> SyncServer:
@@ -504,14 +561,18 @@ def serve(
     live connections get new local commits (and merges from the other connections, which makes
     relaying work) pushed as they happen. `port=0` picks a free port (`server.port`,
     `server.url`). Clients must present `token` when one is set (or pass a `peer=Peer(db,
-    token=..., limits=...)` to choose page limits). Frames above `max_size` bytes close that
-    connection (code 1009). Close with `server.close()` or use `with`.
+    token=..., limits=...)` to choose page limits). `require_keys=True`: admit only clients
+    that prove a key of this replica's trust list, each with its grant (sync.handshake,
+    sync.trust). `ssl`: a server TLS context (sync.tls.server_context): the server speaks
+    wss:// only. Frames above `max_size` bytes close that connection (code 1009). Close
+    with `server.close()` or use `with`.
 
     Raises:
         OSError: the address cannot be bound (port in use, bad host).
-        ValueError: both `token` and a `peer` with another token were given.
+        ValueError: `token` or `require_keys` disagree with the given `peer`.
     """
-    return SyncServer(db, host, port, token=token, peer=peer, poll_interval=poll_interval, max_size=max_size)
+    return SyncServer(db, host, port, token=token, peer=peer, require_keys=require_keys, ssl=ssl,
+                      poll_interval=poll_interval, max_size=max_size)
 
 
 # -- the live client -----------------------------------------------------------------------
@@ -527,16 +588,21 @@ class LiveClient:
         *,
         token: str | None = None,
         peer: Peer | None = None,
+        server_key: str | bytes | None = None,
+        ssl: ssl_module.SSLContext | None = None,
         poll_interval: float | None = DEFAULT_POLL_INTERVAL,
         backoff: tuple[float, float] = (BACKOFF_INITIAL, BACKOFF_CAP),
         max_size: int = MAX_MESSAGE_BYTES,
         open_timeout: float = OPEN_TIMEOUT,
     ):
         _check_url(url)
+        _check_tls_args(url, ssl)
         self.db = db
         self.url = url
         self.token = token
         self.peer = peer or Peer(db)
+        self.server_key = public_key_bytes(server_key)
+        self._ssl = ssl
         self.stats = TransportStats()
         self.error: SyncError | None = None
         self.attempts = 0
@@ -617,13 +683,14 @@ class LiveClient:
             TransportError: could not connect, or the connection ended.
             SyncError: the session failed (a refusal or bad input).
         """
-        ws = _open(self.url, max_size=self._max_size, open_timeout=self._open_timeout)
+        ws = _open(self.url, max_size=self._max_size, open_timeout=self._open_timeout, ssl=self._ssl)
         with self._lock:
             if self._stop.is_set():
                 ws.close()
                 return False
             self._ws = ws
-        session = self.peer.session(Role.CLIENT, token=self.token, live=True)
+        session = self.peer.session(Role.CLIENT, token=self.token, live=True, server_key=self.server_key,
+                                    binding=channel_binding(ws.socket))
         channel = _Channel(ws, session, label=f"live {self.url}", stats=self.stats)
         self.stats.add(connections=1)
         try:
@@ -678,6 +745,8 @@ def connect(
     *,
     token: str | None = None,
     peer: Peer | None = None,
+    server_key: str | bytes | None = None,
+    ssl: ssl_module.SSLContext | None = None,
     poll_interval: float | None = DEFAULT_POLL_INTERVAL,
     backoff: tuple[float, float] = (BACKOFF_INITIAL, BACKOFF_CAP),
 ) -> LiveClient:
@@ -687,9 +756,13 @@ def connect(
     they happen (noticed through `db.on_commit` and a `PRAGMA data_version` poll every
     `poll_interval` seconds for other connections' writes). When the connection drops, the
     client reconnects with exponential backoff (`backoff=(initial, cap)` seconds) and resumes
-    from the watermarks. `client.wait_connected(timeout)` waits for live mode.
+    from the watermarks. `client.wait_connected(timeout)` waits for live mode. `server_key`
+    and `ssl` as for `Peer.sync_with`; a permanent refusal (an untrusted key, a TLS mismatch)
+    stops the reconnecting.
 
     Raises:
         TransportError: `url` is not a ws:// or wss:// URL (network failures are retried).
+        ValueError: `ssl` for a ws:// URL, or `server_key` is not a public key.
     """
-    return LiveClient(db, url, token=token, peer=peer, poll_interval=poll_interval, backoff=backoff).start()
+    return LiveClient(db, url, token=token, peer=peer, server_key=server_key, ssl=ssl,
+                      poll_interval=poll_interval, backoff=backoff).start()
