@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import ssl
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["server_context", "client_context", "channel_binding", "write_self_signed"]
+__all__ = ["server_context", "client_context", "channel_binding", "log_failed_handshakes", "write_self_signed"]
+
+log = logging.getLogger("sync.tls")
 
 
 def server_context(certfile: str | os.PathLike, keyfile: str | os.PathLike, *, password: str | None = None) -> ssl.SSLContext:
@@ -75,6 +78,35 @@ def channel_binding(sock: Any) -> bytes:
     if isinstance(sock, ssl.SSLSocket):
         return sock.get_channel_binding("tls-unique") or b""
     return b""
+
+
+class _HandshakeLoggingSocket(ssl.SSLSocket):
+    """An SSLSocket that logs why a server-side TLS handshake failed (the WebSocket library
+    closes such connections silently)."""
+
+    def do_handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().do_handshake(*args, **kwargs)
+        except (ssl.SSLError, OSError) as error:
+            try:
+                address = "%s:%s" % self.getpeername()[:2]
+            except OSError:
+                address = "?"
+            plain = "HTTP_REQUEST" in str(error)
+            log.warning("TLS handshake with %s failed%s: %s", address,
+                        " (a plaintext ws:// client at this wss:// server)" if plain else "", error)
+            raise
+
+
+def log_failed_handshakes(context: ssl.SSLContext) -> ssl.SSLContext:
+    """Make a server context log every failed TLS handshake (a ws:// client, a bad client
+    certificate, a scan) on the `sync.tls` logger; returns the same context.
+
+    Uses the documented `SSLContext.sslsocket_class` hook, so it changes `context` itself.
+    """
+    if context.sslsocket_class is ssl.SSLSocket:
+        context.sslsocket_class = _HandshakeLoggingSocket
+    return context
 
 
 def write_self_signed(

@@ -49,7 +49,7 @@ from .identity import public_key_bytes
 from .peer import Peer
 from .protocol import MAX_MESSAGE_BYTES
 from .session import Role, Session, SyncResult
-from .tls import channel_binding
+from .tls import channel_binding, log_failed_handshakes
 
 __all__ = [
     "serve",
@@ -374,6 +374,8 @@ def _tls_error(url: str, exc: ssl_module.SSLError) -> TLSError:
     """The TLSError for a failed TLS handshake, saying what to change."""
     if isinstance(exc, ssl_module.SSLCertVerificationError):
         hint = "the server's certificate was refused (pass ssl=client_context(cafile=...) / --cafile)"
+    elif isinstance(exc, ssl_module.SSLEOFError):
+        hint = "the server closed the connection during the TLS handshake (a ws:// server? use ws://)"
     elif "WRONG_VERSION_NUMBER" in (exc.reason or "") or "wrong version number" in str(exc):
         hint = "the server does not speak TLS; use ws://"
     else:
@@ -421,13 +423,10 @@ def sync_with_url(
     """
     report = (lambda result: progress(result.pulled, result.pushed)) if progress else None
     _check_tls_args(url, ssl)
+    server_key = public_key_bytes(server_key)  # a bad key is refused before connecting
     ws = _open(url, max_size=max_size, open_timeout=open_timeout, ssl=ssl)
-    try:
-        session = peer.session(Role.CLIENT, token=token, live=False, progress=report, server_key=server_key,
-                               binding=channel_binding(ws.socket))
-    except BaseException:
-        ws.close()
-        raise
+    session = peer.session(Role.CLIENT, token=token, live=False, progress=report, server_key=server_key,
+                           binding=channel_binding(ws.socket))
     try:
         channel = _Channel(ws, session, label=f"sync {url}")
         channel.run(idle_timeout=idle_timeout)
@@ -473,7 +472,7 @@ class SyncServer:
         try:
             self._server = ws_serve(
                 self._handle, host, port, max_size=max_size, compression=None, close_timeout=CLOSE_TIMEOUT,
-                ssl=ssl,
+                ssl=log_failed_handshakes(ssl) if ssl is not None else None,
             )
         except BaseException:
             self._notifier.close()
