@@ -7,6 +7,8 @@
     crdt-sync status app.db
     crdt-sync doctor app.db                                     # exit 1 when something is wrong
     crdt-sync serve app.db --port 8765 --token s3cret          # until Ctrl-C, live
+    crdt-sync serve app.db --port 8765 --keys --cert c.pem --key k.pem   # wss://, trusted keys only
+    crdt-sync sync other.db wss://host:8765 --server-key ed25519:... --cafile c.pem
     crdt-sync sync other.db ws://127.0.0.1:8765 --token s3cret  # one pull+push round
     crdt-sync sync other.db ws://127.0.0.1:8765 --progress      # with a progress bar
     crdt-sync export app.db --for 0123...cdef changes.bin
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -42,6 +45,7 @@ from .identity import load_identity, parse_public_key
 from .peer import Peer
 from .progress import ProgressCallback, SyncProgress
 from .protocol import parse_site_id
+from .tls import client_context, server_context
 from .trust import Grant, trust_peer, trusted_peers, untrust_peer
 from .websocket import connect, serve, sync_with_url
 
@@ -135,12 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     _add_token(serve)
     serve.add_argument(
+        "--keys", action="store_true",
+        help="admit only clients proving a key of the trust list (crdt-sync trust), each with its grant; "
+             "--peer servers must prove a trusted key too",
+    )
+    serve.add_argument("--cert", metavar="FILE", help="serve wss:// with this PEM certificate (chain); needs --key")
+    serve.add_argument("--key", metavar="FILE", help="the PEM private key of --cert")
+    serve.add_argument(
         "--peer",
         action="append",
         default=[],
         metavar="URL",
-        help="also keep a live connection to this ws:// server (repeatable; makes a relay)",
+        help="also keep a live connection to this ws:// or wss:// server (repeatable; makes a relay)",
     )
+    _add_client_tls(serve)
 
     doctor = command(
         "doctor", "Check a replica, never creating nor migrating it (extension, schema, peers, WAL); exit 1 if wrong.",
@@ -150,8 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sync = command("sync", "Run one pull-then-push round with a ws:// server and print the counts.", _cmd_sync)
     sync.add_argument("db", metavar="DB", help="path of an existing database file")
-    sync.add_argument("url", metavar="URL", help="the server, e.g. ws://127.0.0.1:8765")
+    sync.add_argument("url", metavar="URL", help="the server, e.g. ws://127.0.0.1:8765 or wss://host:8765")
     _add_token(sync)
+    sync.add_argument(
+        "--keys", action="store_true",
+        help="prove this replica's key, and require the server to prove a key of the trust list",
+    )
+    sync.add_argument(
+        "--server-key", type=_public_key, metavar="PUBKEY",
+        help="the key the server must prove (ed25519:..., `crdt-sync id` on the server); implies key authentication",
+    )
+    _add_client_tls(sync)
     shown = sync.add_mutually_exclusive_group()
     shown.add_argument("--quiet", "-q", action="store_true", help="no progress output on stderr")
     shown.add_argument(
@@ -197,6 +218,42 @@ def _table_list(text: str) -> tuple[str, ...]:
     if not tables:
         raise argparse.ArgumentTypeError("expected table names separated by commas")
     return tables
+
+
+def _add_client_tls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cafile", metavar="FILE", help="wss://: trust the server certificates in this PEM file (e.g. its self-signed one)")
+    parser.add_argument(
+        "--no-verify", action="store_true",
+        help="wss://: encrypt without checking the certificate; only with key authentication, whose "
+             "handshake is bound to the TLS channel and so authenticates the server",
+    )
+
+
+def _client_tls(args: argparse.Namespace, url: str, keys: bool) -> "ssl.SSLContext | None":
+    """The TLS context for connecting to `url` as the options ask (None: plain ws://, or the
+    system's CAs for wss://).
+
+    Raises:
+        CommandError: TLS options for a ws:// URL, or --no-verify without key authentication.
+    """
+    if not url.startswith("wss://"):
+        if args.cafile or args.no_verify:
+            raise CommandError(f"--cafile/--no-verify apply to wss:// URLs, not {url}")
+        return None
+    if args.no_verify:
+        if not keys:
+            raise CommandError("--no-verify needs key authentication (--keys or --server-key): "
+                               "without it nothing authenticates the server")
+        return client_context(verify=False)
+    return client_context(cafile=args.cafile) if args.cafile else None
+
+
+def _server_tls(args: argparse.Namespace) -> "ssl.SSLContext | None":
+    """Raises:
+        CommandError: only one of --cert and --key."""
+    if bool(args.cert) != bool(args.key):
+        raise CommandError("--cert and --key go together (a certificate and its private key)")
+    return server_context(args.cert, args.key) if args.cert else None
 
 
 def _add_token(parser: argparse.ArgumentParser) -> None:
@@ -339,7 +396,9 @@ def _has_table(db: Database, name: str) -> bool:
 
 def _cmd_sync(args: argparse.Namespace) -> int:
     with _open_existing(args.db) as db, _progress_display(args) as progress:
-        result = sync_with_url(Peer(db), args.url, token=args.token, progress=progress)
+        keys = args.keys or args.server_key is not None
+        result = sync_with_url(Peer(db, require_keys=args.keys), args.url, token=args.token, progress=progress,
+                               server_key=args.server_key, ssl=_client_tls(args, args.url, keys))
     print(f"pulled {result.pulled} changes, pushed {result.pushed} changes ({args.url})")
     return EXIT_OK
 
@@ -408,10 +467,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     restore = _stop_on_signals(stop)
     try:
-        with _open_existing(args.db) as db, serve(db, args.host, args.port, token=args.token) as server:
-            clients = [connect(db, url, token=args.token) for url in args.peer]
+        tls = _server_tls(args)
+        peer_tls = [_client_tls(args, url, args.keys) for url in args.peer]
+        with _open_existing(args.db) as db, serve(db, args.host, args.port, token=args.token,
+                                                  require_keys=args.keys, ssl=tls) as server:
+            peer = server.peer
+            clients = [connect(db, url, token=args.token, peer=peer, ssl=context)
+                       for url, context in zip(args.peer, peer_tls)]
             try:
-                print(f"serving {args.db} (site {db.site_id}) on {server.url}; Ctrl-C stops", flush=True)
+                key = f", key {peer.identity.public_text}" if args.keys else ""
+                print(f"serving {args.db} (site {db.site_id}{key}) on {server.url}; Ctrl-C stops", flush=True)
                 while not stop.wait(3600):
                     pass
             finally:

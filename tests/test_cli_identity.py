@@ -1,13 +1,18 @@
-"""`crdt-sync init / id / trust / untrust / status`: keys and the trust list from the command line."""
+"""`crdt-sync init / id / trust / untrust / status`, and `serve` / `sync` with keys and TLS."""
 
 from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
 
 import pytest
 
 from engine import Database
 from sync.identity import Identity, load_identity
 from sync.trust import Grant, find_trusted, trusted_peers
-from tests.test_cli import assert_one_line_error, make_db, run
+from tests.test_cli import ROOT, assert_one_line_error, make_db, run, topics_of
 
 
 def test_init_creates_the_key_and_id_prints_it(capsys, tmp_path):
@@ -97,3 +102,86 @@ def test_missing_database_is_not_created(capsys, tmp_path):
     code, out, err = run(capsys, "id", tmp_path / "missing.db")
     assert_one_line_error(code, out, err, "no database")
     assert not (tmp_path / "missing.db").exists()
+
+
+# -- serve and sync with keys and TLS ------------------------------------------------------
+
+
+def _key_of(capsys, path) -> str:
+    code, out, _ = run(capsys, "id", path)
+    assert code == 0
+    return out.strip()
+
+
+def test_serve_with_keys_and_tls_then_sync_by_key(capsys, tmp_path):
+    """The whole setup from the command line: init both, trust each other, serve wss:// with
+    --keys, sync with the server's key and its pinned certificate."""
+    from sync.tls import write_self_signed
+
+    hub, laptop = tmp_path / "hub.db", tmp_path / "laptop.db"
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    write_self_signed(cert, key)
+    make_db(hub, "h1")
+    make_db(laptop, "l1")
+    hub_key, laptop_key = _key_of(capsys, hub), _key_of(capsys, laptop)
+    assert run(capsys, "trust", hub, laptop_key, "--name", "laptop", "--can", "write")[0] == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sync.cli", "serve", hub, "--port", "0", "--keys", "--cert", cert, "--key", key],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    watchdog = threading.Timer(60, process.kill)
+    watchdog.start()
+    try:
+        banner = process.stdout.readline()
+        assert f"key {hub_key}) on wss://127.0.0.1:" in banner, banner
+        url = banner.split(" on ")[1].split(";")[0]
+        code, out, err = run(capsys, "sync", laptop, url, "--server-key", hub_key, "--cafile", cert, "-q")
+        assert code == 0, err
+        assert out.startswith("pulled 3 changes, pushed 3 changes")
+        code, out, err = run(capsys, "sync", laptop, url, "--keys", "--no-verify", "-q")  # hub not trusted here
+        assert_one_line_error(code, out, err, "not in this replica's trust list")
+        assert run(capsys, "trust", laptop, hub_key, "--name", "hub", "--can", "read")[0] == 0
+        code, out, err = run(capsys, "sync", laptop, url, "--keys", "--no-verify", "-q")
+        assert code == 0, err
+        code, out, err = run(capsys, "sync", laptop, url.replace("wss://", "ws://"), "--server-key", hub_key, "-q")
+        assert_one_line_error(code, out, err, "the server speaks TLS; use wss://")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert topics_of(hub) == topics_of(laptop) == {"h1", "l1"}
+
+
+def test_an_untrusted_client_is_a_one_line_error(capsys, tmp_path):
+    from sync.websocket import serve
+
+    hub, stranger = tmp_path / "hub.db", tmp_path / "stranger.db"
+    make_db(hub, "h1")
+    make_db(stranger)
+    with Database.open(hub) as db, serve(db, require_keys=True) as server:
+        hub_key = load_identity(db).public_text
+        code, out, err = run(capsys, "sync", stranger, server.url, "--server-key", hub_key, "-q")
+        assert_one_line_error(code, out, err, "unknown_peer", "is not trusted here")
+        code, out, err = run(capsys, "sync", stranger, server.url, "-q")  # no key at all
+        assert_one_line_error(code, out, err, "admits only trusted keys")
+    assert topics_of(stranger) == set()
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["sync", "{db}", "ws://127.0.0.1:1", "--cafile", "x.pem"], "apply to wss:// URLs"),
+        (["sync", "{db}", "wss://127.0.0.1:1", "--no-verify"], "needs key authentication"),
+        (["serve", "{db}", "--port", "0", "--cert", "x.pem"], "--cert and --key go together"),
+        (["serve", "{db}", "--port", "0", "--cert", "{tmp}/none.pem", "--key", "{tmp}/none.pem"], "no such certificate"),
+    ],
+)
+def test_bad_tls_options_are_one_line_errors(capsys, tmp_path, argv, needle):
+    path = tmp_path / "a.db"
+    make_db(path)
+    argv = [a.format(db=path, tmp=tmp_path) for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, out, err, needle)
