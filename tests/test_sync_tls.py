@@ -27,7 +27,7 @@ from sync.errors import (
     UntrustedServerError,
 )
 from sync.identity import Identity, load_identity
-from sync.tls import client_context, server_context, write_self_signed
+from sync.tls import client_context, prepare_server_context, server_context, write_self_signed
 from sync.trust import trust_peer
 
 
@@ -100,7 +100,7 @@ class TlsRelay:
     its own TLS connection to the server, relaying the bytes unchanged."""
 
     def __init__(self, target: tuple[str, int], cert, key):
-        self._server_ctx = server_context(cert, key)
+        self._server_ctx = prepare_server_context(server_context(cert, key))  # no tickets: see its docstring
         self._client_ctx = client_context(verify=False)
         self._target = target
         self._listener = socket.create_server(("127.0.0.1", 0))

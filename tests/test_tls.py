@@ -107,3 +107,24 @@ def test_missing_or_mismatched_files(cert_files, tmp_path):
         server_context(cert, other_key)
     with pytest.raises(ValueError):
         client_context(cafile=cert, verify=False)
+
+
+def test_server_contexts_are_prepared_for_the_threaded_server(cert_files, caplog):
+    """No TLS 1.3 session tickets (the threaded WebSocket API reads and writes one connection
+    from two threads) and failed handshakes are logged."""
+    import logging
+
+    from sync.tls import prepare_server_context
+
+    cert, key = cert_files
+    context = prepare_server_context(server_context(cert, key))
+    assert context.num_tickets == 0
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener:
+        client = socket.create_connection(listener.getsockname())
+        conn, _ = listener.accept()
+        with client, conn, caplog.at_level(logging.WARNING, logger="sync.tls"):
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            with pytest.raises(ssl.SSLError):
+                context.wrap_socket(conn, server_side=True)
+    assert "plaintext ws:// client" in caplog.text

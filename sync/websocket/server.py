@@ -14,7 +14,7 @@ from engine import Database
 from ..peer import Peer
 from ..protocol import MAX_MESSAGE_BYTES
 from ..session import Role
-from ..tls import channel_binding, log_failed_handshakes
+from ..tls import channel_binding, prepare_server_context
 from .channel import CLOSE_TIMEOUT, Channel, TransportStats
 
 __all__ = ["serve", "SyncServer"]
@@ -49,7 +49,7 @@ class SyncServer:
         self._lock = threading.Lock()
         self._server = ws_serve(
             self._handle, host, port, max_size=max_size, compression=None, close_timeout=CLOSE_TIMEOUT,
-            ssl=log_failed_handshakes(ssl) if ssl is not None else None,
+            ssl=prepare_server_context(ssl) if ssl is not None else None,
         )
         self.host = host
         self.port: int = self._server.socket.getsockname()[1]
@@ -135,7 +135,7 @@ def serve(
     token=..., limits=...)` to choose page limits). `require_keys=True`: admit only clients
     that prove a key of this replica's trust list, each with its grant (sync.handshake,
     sync.trust). `ssl`: a server TLS context (sync.tls.server_context): the server speaks
-    wss:// only, and logs failed TLS handshakes on the `sync.tls` logger. Frames above
+    wss:// only (the context is adjusted in place: sync.tls.prepare_server_context). Frames above
     `max_size` bytes close that connection (code 1009). Close with `server.close()` or use
     `with`.
 
