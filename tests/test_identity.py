@@ -182,3 +182,36 @@ def test_readers_never_write(db):
     for tables in (["topics"], []):
         with pytest.raises(NotAuthorizedError, match="may only read"):
             authorize_write(reader, tables)
+
+
+# -- wire codes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cls, code, permanent",
+    [
+        ("MalformedChallengeError", "bad_challenge", False),
+        ("UnknownPeerError", "unknown_peer", True),
+        ("UntrustedServerError", "untrusted_server", True),
+        ("BadSignatureError", "bad_signature", True),
+        ("ReplayError", "replay", False),
+        ("ExpiredChallengeError", "expired_challenge", False),
+        ("NotAuthorizedError", "not_authorized", True),
+    ],
+)
+def test_each_auth_error_has_a_wire_code_and_comes_back_as_itself(cls, code, permanent):
+    from sync import errors
+
+    local = getattr(errors, cls)
+    assert local.code == code and local.permanent is permanent
+    received = errors.refusal(code, "why", peer="p")
+    assert isinstance(received, local) and isinstance(received, errors.PeerRefusedError)
+    assert received.code == code and received.permanent is permanent and received.remote_message == "why"
+    assert cls in errors.__all__ and cls in errors.__doc__
+
+
+def test_tls_error_is_a_permanent_transport_error():
+    from sync.errors import TLSError, TransportError
+
+    error = TLSError("x", url="wss://h:1")
+    assert isinstance(error, TransportError) and error.permanent and error.url == "wss://h:1"
