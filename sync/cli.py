@@ -13,6 +13,7 @@
     crdt-sync sync other.db ws://127.0.0.1:8765 --progress      # with a progress bar
     crdt-sync export app.db --for 0123...cdef changes.bin
     crdt-sync import other.db changes.bin
+    crdt-sync clone copied.db fresh.db
 
 This module is the roof's edge: it is the one place where errors become one line on stderr and
 a non-zero exit code (`EngineError`, `SyncError`, `OSError`, APSW errors). Everything below it
@@ -189,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("file", metavar="FILE", help="file to write")
 
+    clone = command(
+        "clone", "Copy a replica to a new file with a site id of its own (the fix for a copied file or "
+        "a restored backup that sync refuses as a duplicate site).", _cmd_clone,
+    )
+    clone.add_argument("src", metavar="SRC", help="path of the existing database file to copy")
+    clone.add_argument("dst", metavar="DST", help="path of the new file (must not exist)")
+
     imp = command("import", "Apply a file written by `export` (all or nothing).", _cmd_import)
     imp.add_argument("db", metavar="DB", help="path of an existing database file")
     imp.add_argument("file", metavar="FILE", help="file written by `crdt-sync export`")
@@ -345,6 +353,15 @@ def _cmd_untrust(args: argparse.Namespace) -> int:
         if not untrust_peer(db, args.public_key):
             raise CommandError(f"{args.public_key} is not in the trust list of {args.db}")
     print(f"untrusted {args.public_key}")
+    return EXIT_OK
+
+
+def _cmd_clone(args: argparse.Namespace) -> int:
+    with _open_existing(args.src) as db:
+        site = db.clone_to(args.dst)
+        print(f"cloned {args.src} to {args.dst}: site id {site} (was {db.site_id}); use {args.dst} from now on")
+    with Database.open(args.dst) as clone:  # a key belongs to one site id: the clone gets its own
+        print(f"public key of the clone {load_identity(clone).public_text} (new: trust it where the original was trusted)")
     return EXIT_OK
 
 

@@ -22,7 +22,9 @@ The price: whoever can read the database file can read the private key. That is 
 boundary as the data (a reader of the file reads every row, and a writer of it could rewrite
 them anyway), so protect the file as you would protect the key: file permissions, an
 encrypted disk. A copied database file carries the same identity; copies must not run as two
-replicas (the sync handshake refuses two live replicas with one site id).
+replicas (sync refuses a copy with `DuplicateSiteError`). A key belongs to the site id it was
+made for: a clone (`crdt-sync clone`, `Database.clone_to`) has a new site id, so it gets a key
+of its own on first need, and must be trusted anew.
 
 The key is raw Ed25519 from the `cryptography` library; no cryptography is done here.
 """
@@ -63,6 +65,7 @@ CREATE TABLE IF NOT EXISTS __sync_identity (
     algorithm   TEXT    NOT NULL DEFAULT 'ed25519',
     private_key BLOB    NOT NULL,
     public_key  BLOB    NOT NULL,
+    site_id     TEXT    NOT NULL DEFAULT '',
     created_at  INTEGER NOT NULL DEFAULT 0
 )
 """
@@ -165,20 +168,22 @@ def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> None:
 
 
 def load_identity(db: Database, *, create: bool = True) -> Identity | None:
-    """This replica's key pair, created (once, whoever asks first) if it has none.
+    """This replica's key pair, created (once, whoever asks first) if it has none of its own.
 
-    With `create=False`, None for a replica that has no key yet.
+    With `create=False`, None for a replica that has no key of its own yet (none at all, or
+    only the key of the replica it was cloned from).
     """
     with db.reading() as session:
         exists = session.scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '__sync_identity'")
-        row = session.one("SELECT private_key FROM __sync_identity WHERE id = 1") if exists else None
-    if row is not None:
+        row = session.one("SELECT private_key, site_id FROM __sync_identity WHERE id = 1") if exists else None
+    if row is not None and row[1] == db.site_id:
         return Identity.from_private_bytes(row[0])
     return create_identity(db) if create else None
 
 
 def create_identity(db: Database) -> Identity:
-    """Give the replica a key pair unless it has one; returns the one it has afterwards.
+    """Give the replica a key pair unless it has one of its own; returns the one it has
+    afterwards. A key made for another site id (this file is a clone) is replaced.
 
     One transaction: concurrent creators (threads or processes) all end up with the same key.
     """
@@ -186,9 +191,12 @@ def create_identity(db: Database) -> Identity:
     with db.transaction() as tx:
         tx.execute(_TABLE)
         tx.execute(
-            "INSERT OR IGNORE INTO __sync_identity (id, algorithm, private_key, public_key, created_at) "
-            "VALUES (1, 'ed25519', ?, ?, ?)",
-            (candidate.private_bytes(), candidate.public_key, tx.now_ms()),
+            "INSERT INTO __sync_identity (id, algorithm, private_key, public_key, site_id, created_at) "
+            "VALUES (1, 'ed25519', ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET private_key = excluded.private_key, public_key = excluded.public_key, "
+            "site_id = excluded.site_id, created_at = excluded.created_at "
+            "WHERE __sync_identity.site_id IS NOT excluded.site_id",
+            (candidate.private_bytes(), candidate.public_key, db.site_id, tx.now_ms()),
         )
         raw = tx.scalar("SELECT private_key FROM __sync_identity WHERE id = 1")
     return Identity.from_private_bytes(raw)

@@ -185,3 +185,14 @@ def test_bad_tls_options_are_one_line_errors(capsys, tmp_path, argv, needle):
     argv = [a.format(db=path, tmp=tmp_path) for a in argv]
     code, out, err = run(capsys, *argv)
     assert_one_line_error(code, out, err, needle)
+
+
+def test_clone_prints_the_clones_new_key(capsys, tmp_path):
+    src, dst = tmp_path / "a.db", tmp_path / "b.db"
+    make_db(src, "t")
+    original = _key_of(capsys, src)
+    code, out, _ = run(capsys, "clone", src, dst)
+    assert code == 0
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("public key of the clone ed25519:") and original not in line
+    assert _key_of(capsys, dst) in line

@@ -215,3 +215,17 @@ def test_tls_error_is_a_permanent_transport_error():
 
     error = TLSError("x", url="wss://h:1")
     assert isinstance(error, TransportError) and error.permanent and error.url == "wss://h:1"
+
+
+def test_a_clone_gets_a_key_of_its_own(tmp_path):
+    with Database.open(tmp_path / "original.db") as original:
+        key = load_identity(original).public_key
+        trust_peer(original, Identity.generate().public_text, name="hub", can="read")
+        original.clone_to(tmp_path / "clone.db")
+    with Database.open(tmp_path / "clone.db") as clone:
+        assert load_identity(clone, create=False) is None  # the copied key is the original's
+        own = load_identity(clone).public_key
+        assert own != key and load_identity(clone).public_key == own
+        assert [e.name for e in trusted_peers(clone)] == ["hub"]  # the trust list comes along
+    with Database.open(tmp_path / "original.db") as original:
+        assert load_identity(original).public_key == key
