@@ -74,8 +74,9 @@ def client_context(cafile: str | os.PathLike | None = None, *, verify: bool = Tr
 
 
 def channel_binding(sock: Any) -> bytes:
-    """The connection's `tls-unique` channel binding, or b"" for a plain socket."""
-    if isinstance(sock, ssl.SSLSocket):
+    """The connection's `tls-unique` channel binding, or b"" without TLS. `sock`: the socket
+    of a threaded connection, or the `ssl_object` of an asyncio transport (None without TLS)."""
+    if isinstance(sock, (ssl.SSLSocket, ssl.SSLObject)):
         return sock.get_channel_binding("tls-unique") or b""
     return b""
 

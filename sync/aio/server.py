@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl as ssl_module
 from types import TracebackType
 
 from websockets.asyncio.server import Server, ServerConnection
@@ -24,6 +25,7 @@ from engine.aio import AsyncDatabase, Opening
 from ..peer import Peer
 from ..protocol import MAX_MESSAGE_BYTES
 from ..session import Role
+from ..tls import channel_binding
 from ..websocket.channel import CLOSE_TIMEOUT, TransportStats
 from ..websocket.server import remote_address, server_url
 from .channel import AsyncChannel, Lane
@@ -45,15 +47,21 @@ class AsyncSyncServer:
         *,
         token: str | None = None,
         peer: Peer | None = None,
+        require_keys: bool = False,
+        ssl: ssl_module.SSLContext | None = None,
         max_size: int = MAX_MESSAGE_BYTES,
     ):
         if peer is not None and token is not None and peer.token != token:
             raise ValueError("serve(): token= differs from peer.token; give the token to the Peer only")
+        if peer is not None and require_keys and not peer.require_keys:
+            raise ValueError("serve(): require_keys=True but the peer does not require keys; set it on the Peer")
         self.db = database_of(db)
         self.host = host
         self.port = port  # the bound port once started
         self.token = token
+        self.require_keys = require_keys
         self.peer = peer
+        self.ssl = ssl
         self.max_size = max_size
         self.stats = TransportStats()
         self._server: Server | None = None
@@ -61,7 +69,7 @@ class AsyncSyncServer:
 
     @property
     def url(self) -> str:
-        return server_url(self.host, self.port)
+        return server_url(self.host, self.port, tls=self.ssl is not None)
 
     async def start(self) -> "AsyncSyncServer":
         """Make the Peer (in a worker: it may create the `__sync_` tables) and start listening.
@@ -72,9 +80,9 @@ class AsyncSyncServer:
         if self._server is not None:
             return self
         if self.peer is None:
-            self.peer = await asyncio.to_thread(Peer, self.db, self.token)
+            self.peer = await asyncio.to_thread(Peer, self.db, self.token, require_keys=self.require_keys)
         self._server = await ws_serve(self._handle, self.host, self.port, max_size=self.max_size,
-                                      compression=None, close_timeout=CLOSE_TIMEOUT)
+                                      compression=None, close_timeout=CLOSE_TIMEOUT, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("asyncio sync server for %s listening on %s", self.db.path, self.url)
         return self
@@ -84,7 +92,7 @@ class AsyncSyncServer:
         assert self.peer is not None  # set by start()
         self.stats.add(connections=1)
         label = f"server :{self.port} <- {remote_address(ws)}"
-        session = self.peer.session(Role.SERVER)
+        session = self.peer.session(Role.SERVER, binding=channel_binding(ws.transport.get_extra_info("ssl_object")))
         lane = Lane()
         channel = AsyncChannel(ws, session, lane, label=label, stats=self.stats)
         try:
@@ -127,19 +135,25 @@ def serve(
     *,
     token: str | None = None,
     peer: Peer | None = None,
+    require_keys: bool = False,
+    ssl: ssl_module.SSLContext | None = None,
     max_size: int = MAX_MESSAGE_BYTES,
 ) -> Opening[AsyncSyncServer]:
     """Serve `db` over WebSocket on the running event loop: `async with serve(...) as server:`
     (closed when the block ends) or `server = await serve(...)` (then `await server.close()`).
     Listening once it is entered or awaited.
 
-    Many clients at once, one-shot or live, exactly as `sync.serve` (same protocol, token,
-    `peer=` for page limits, `max_size`); `port=0` picks a free port (`server.port`,
-    `server.url`). Threaded clients (`sync.Peer.sync_with`, `sync.connect`) and asyncio ones
-    (`AsyncPeer.sync_with`) are served alike.
+    Many clients at once, one-shot or live, exactly as `sync.serve`: same protocol, `token`,
+    `require_keys` (admit only trusted keys, each with its grant), `ssl` (a server TLS
+    context: wss://), `peer=` for page limits or an identity, `max_size`. `port=0` picks a
+    free port (`server.port`, `server.url`). Threaded clients (`sync.Peer.sync_with`,
+    `sync.connect`) and asyncio ones (`AsyncPeer.sync_with`) are served alike.
 
     Raises:
         OSError: the address cannot be bound (when entered or awaited).
-        ValueError: both `token` and a `peer` with another token were given.
+        ValueError: both `token` and a `peer` with another token were given, or
+            `require_keys` with a peer that does not require keys.
     """
-    return Opening(AsyncSyncServer(db, host, port, token=token, peer=peer, max_size=max_size).start)
+    server = AsyncSyncServer(db, host, port, token=token, peer=peer, require_keys=require_keys, ssl=ssl,
+                             max_size=max_size)
+    return Opening(server.start)
