@@ -10,6 +10,9 @@
     server = sync.serve(hub_db, "0.0.0.0", 8765, require_keys=True, ssl=server_context(cert, key))
     Peer(laptop_db).sync_with("wss://hub:8765", server_key="ed25519:...", ssl=client_context(cafile=cert))
 
+    # asyncio (sync.aio): the same session over websockets' asyncio API
+    await sync.aio.AsyncPeer(db_a).sync_with("ws://host:8765", token=t)
+
 Stands on the database layer only (engine.database, engine.errors, engine.migrations,
 engine.clock); never imports the stores. The WebSocket names (`serve`, ...) load lazily
 from sync.websocket so that importing `sync` needs no network code.

@@ -3,7 +3,8 @@
 A `Session` is one side of one connection. It reads and writes its own database (pages
 out, merges in) but never touches a socket: a transport feeds it the bytes it received
 and sends the bytes it returns. The in-process transport (sync.peer), the WebSocket
-transport (sync.websocket) and the tests' lossy channel all drive the same machine.
+transport (sync.websocket), its asyncio twin (sync.aio) and the tests' lossy channel all
+drive the same machine.
 
 Transport contract
 ------------------
