@@ -228,8 +228,7 @@ class AsyncDatabase:
             EngineError: this AsyncDatabase is closed.
             Exception: whatever `fn` raises.
         """
-        tx = _current.get()
-        executor = self._writer if tx is not None and tx.open and tx.adb is self else self._pool
+        executor = self._writer if self._in_own_transaction() else self._pool
         return await self._submit(executor, partial(fn, *args, **kwargs))
 
     async def _submit(self, executor: Executor, call: Callable[[], T]) -> T:
@@ -251,8 +250,7 @@ class AsyncDatabase:
         Raises:
             EngineError: the database is closed.
         """
-        outer = _current.get()
-        if outer is not None and outer.open and outer.adb is self:
+        if self._in_own_transaction():
             async with self._block() as session:  # a SAVEPOINT of the task's transaction
                 yield AsyncProxy(self, session)
             return
@@ -297,6 +295,10 @@ class AsyncDatabase:
                                       error.__traceback__ if error else None)
         await asyncio.shield(asyncio.wrap_future(leaving))
 
+    def _in_own_transaction(self) -> bool:
+        """Is the running task inside one of this database's transaction blocks?"""
+        return in_transaction(self.db)
+
     def _transaction_turns(self) -> asyncio.Lock:
         if self._turns is None:
             self._turns = asyncio.Lock()
@@ -313,8 +315,7 @@ class AsyncDatabase:
         """
         if self._closed:
             return
-        tx = _current.get()
-        if tx is not None and tx.open and tx.adb is self:
+        if self._in_own_transaction():
             raise EngineError("AsyncDatabase.close() inside its own transaction block")
         async with self._transaction_turns():
             if self._closed:
