@@ -43,7 +43,7 @@ transaction. Any error inside rolls the whole step back: either all stores moved
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
@@ -62,9 +62,9 @@ if TYPE_CHECKING:
 class _Unset:
     """The type of `UNSET`: "no new handler state" (None would be a real JSON null)."""
 
-    _instance = None
+    _instance: _Unset | None = None
 
-    def __new__(cls):
+    def __new__(cls) -> _Unset:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -73,7 +73,7 @@ class _Unset:
         return "UNSET"
 
 
-UNSET: Any = _Unset()
+UNSET: Final = _Unset()
 
 # Consumer phases before the mutation boundary: ending a run here releases its events.
 PRE_MUTATION_PHASES = ("pending", "preparing", "prepared")
