@@ -43,7 +43,7 @@ transaction. Any error inside rolls the whole step back: either all stores moved
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 
@@ -53,7 +53,7 @@ from .handler_runs import FINAL_STATUSES, STATUSES, HandlerRun
 from .mutations import FINAL_STATUSES as MUTATION_FINAL_STATUSES
 from .mutations import Mutation
 
-__all__ = ["ExecutionModel", "RecoverySummary", "UNSET", "PRE_MUTATION_PHASES", "FAILURE_STATUSES"]
+__all__ = ["ExecutionModel", "RecoverySummary", "UNSET", "PRE_MUTATION_PHASES", "FAILURE_STATUSES", "PhasedRun"]
 
 if TYPE_CHECKING:
     from .invariants import Violation
@@ -90,7 +90,18 @@ class RecoverySummary(msgspec.Struct, frozen=True):
     events_kept_reserved: int
 
 
-def past_mutation_boundary(run: HandlerRun) -> bool:
+class PhasedRun(Protocol):
+    """What `past_mutation_boundary` reads of a run: a `HandlerRun`, or the audit's lighter
+    `claims.RunFacts` (read without decoding the run's JSON columns)."""
+
+    @property
+    def handler_type(self) -> str: ...
+
+    @property
+    def phase(self) -> str: ...
+
+
+def past_mutation_boundary(run: PhasedRun) -> bool:
     """Whether the run may have performed its side effect (so its events must stay reserved).
 
     The one statement of this rule: the after-merge audit ranks contested runs with it too."""
