@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl as ssl_module
 import threading
 from typing import Any
 
@@ -13,11 +14,15 @@ from engine import Database
 from ..peer import Peer
 from ..protocol import MAX_MESSAGE_BYTES
 from ..session import Role
+from ..tls import channel_binding, prepare_server_context
 from .channel import CLOSE_TIMEOUT, Channel, TransportStats
 
 __all__ = ["serve", "SyncServer"]
 
 log = logging.getLogger("sync.websocket")
+
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a connection may take to authenticate (hello, proof) before the server drops it."""
 
 
 class SyncServer:
@@ -31,17 +36,25 @@ class SyncServer:
         *,
         token: str | None = None,
         peer: Peer | None = None,
+        require_keys: bool = False,
+        ssl: ssl_module.SSLContext | None = None,
         max_size: int = MAX_MESSAGE_BYTES,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ):
         if peer is not None and token is not None and peer.token != token:
             raise ValueError("serve(): token= differs from peer.token; give the token to the Peer only")
+        if peer is not None and require_keys and not peer.require_keys:
+            raise ValueError("serve(): require_keys=True but the peer does not require keys; set it on the Peer")
         self.db = db
-        self.peer = peer or Peer(db, token=token)
+        self.peer = peer or Peer(db, token=token, require_keys=require_keys)
+        self.tls = ssl is not None
+        self.handshake_timeout = handshake_timeout
         self.stats = TransportStats()
         self._closed = False
         self._lock = threading.Lock()
         self._server = ws_serve(
-            self._handle, host, port, max_size=max_size, compression=None, close_timeout=CLOSE_TIMEOUT
+            self._handle, host, port, max_size=max_size, compression=None, close_timeout=CLOSE_TIMEOUT,
+            ssl=prepare_server_context(ssl) if ssl is not None else None,
         )
         self.host = host
         self.port: int = self._server.socket.getsockname()[1]
@@ -52,7 +65,7 @@ class SyncServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}"
+        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}"
 
     def _serve(self) -> None:
         """Thread entry: accept connections until `close()`."""
@@ -65,10 +78,10 @@ class SyncServer:
         """Connection entry (one thread each, started by websockets): run one session."""
         self.stats.add(connections=1)
         label = f"server :{self.port} <- {_address(ws)}"
-        session = self.peer.session(Role.SERVER)
+        session = self.peer.session(Role.SERVER, binding=channel_binding(ws.socket))
         channel = Channel(ws, session, label=label, stats=self.stats)
         try:
-            channel.run(db=self.db)
+            channel.run(db=self.db, handshake_timeout=self.handshake_timeout)
         except Exception:
             log.exception("%s: connection failed", label)
         finally:
@@ -114,7 +127,10 @@ def serve(
     *,
     token: str | None = None,
     peer: Peer | None = None,
+    require_keys: bool = False,
+    ssl: ssl_module.SSLContext | None = None,
     max_size: int = MAX_MESSAGE_BYTES,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> SyncServer:
     """Serve `db` over WebSocket from background threads; listening when this returns.
 
@@ -122,11 +138,17 @@ def serve(
     live connections get new local commits (and merges from the other connections, which makes
     relaying work) pushed as they happen. `port=0` picks a free port (`server.port`,
     `server.url`). Clients must present `token` when one is set (or pass a `peer=Peer(db,
-    token=..., limits=...)` to choose page limits). Frames above `max_size` bytes close that
-    connection (code 1009). Close with `server.close()` or use `with`.
+    token=..., limits=...)` to choose page limits). `require_keys=True`: admit only clients
+    that prove a key of this replica's trust list, each with its grant (sync.handshake,
+    sync.trust). `ssl`: a server TLS context (sync.tls.server_context): the server speaks
+    wss:// only (the context is adjusted in place: sync.tls.prepare_server_context). Frames above
+    `max_size` bytes close that connection (code 1009); a connection that has not completed
+    the handshake after `handshake_timeout` seconds is dropped (a silent peer holds no thread). Close with `server.close()` or use
+    `with`.
 
     Raises:
         OSError: the address cannot be bound (port in use, bad host).
-        ValueError: both `token` and a `peer` with another token were given.
+        ValueError: `token` or `require_keys` disagree with the given `peer`.
     """
-    return SyncServer(db, host, port, token=token, peer=peer, max_size=max_size)
+    return SyncServer(db, host, port, token=token, peer=peer, require_keys=require_keys, ssl=ssl, max_size=max_size,
+                      handshake_timeout=handshake_timeout)
