@@ -1,4 +1,4 @@
-"""B8: what authentication costs — one sync round on an idle pair, by authentication mode.
+"""B10: what authentication costs — one sync round on an idle pair, by authentication mode.
 
 The pair is already converged, so a round moves nothing: it is the opening exchange (hello,
 and with keys the challenge and proof), an empty pull and an empty push, over loopback
@@ -17,7 +17,7 @@ from sync.trust import trust_peer
 
 from .harness import BenchError, Row, Sample, measure_pair, ratio_row, stopwatch
 
-__all__ = ["b8_handshake"]
+__all__ = ["b10_handshake"]
 
 _TOKEN = "bench-token"
 
@@ -30,13 +30,13 @@ def _round_trial(client: sync.Peer, url: str, rounds: int, **options):
             for _ in range(rounds):
                 result = client.sync_with(url, **options)
                 if result.pulled or result.pushed:
-                    raise BenchError(f"B8: an idle round moved {result.pulled}+{result.pushed} changes")
+                    raise BenchError(f"B10: an idle round moved {result.pulled}+{result.pushed} changes")
         return Sample(*elapsed)
 
     return trial
 
 
-def b8_handshake(ctx, rounds: int) -> list[Row]:
+def b10_handshake(ctx, rounds: int) -> list[Row]:
     hub, laptop = ctx.ws.fresh("hub"), ctx.ws.fresh("laptop")
     cert, key = ctx.ws.folder / "b8-cert.pem", ctx.ws.folder / "b8-key.pem"
     write_self_signed(cert, key, hosts=["127.0.0.1"])
@@ -55,8 +55,8 @@ def b8_handshake(ctx, rounds: int) -> list[Row]:
         token = _round_trial(client, servers["token"].url, rounds, token=_TOKEN)
         keys = _round_trial(client, servers["keys"].url, rounds, server_key=hub_key)
         tls = _round_trial(client, servers["tls"].url, rounds, server_key=hub_key, ssl=client_context(cafile=cert))
-        keys_pair = measure_pair("B8-keys", keys, token, ctx.reps)
-        tls_pair = measure_pair("B8-tls", tls, token, ctx.reps)
+        keys_pair = measure_pair("B10-keys", keys, token, ctx.reps)
+        tls_pair = measure_pair("B10-tls", tls, token, ctx.reps)
     finally:
         for server in servers.values():
             server.close()
@@ -65,8 +65,8 @@ def b8_handshake(ctx, rounds: int) -> list[Row]:
     scale = 1000 / rounds  # ms per round
     note = f"{rounds} rounds per sample, a new connection each"
     return [
-        ratio_row("B8-keys", "idle round: Ed25519 keys both ways vs shared token (ws://)", keys_pair,
+        ratio_row("B10-keys", "idle round: Ed25519 keys both ways vs shared token (ws://)", keys_pair,
                   limit=None, unit="ms", scale=scale, notes=note),
-        ratio_row("B8-tls", "idle round: keys + TLS (wss://, pinned cert) vs shared token (ws://)", tls_pair,
+        ratio_row("B10-tls", "idle round: keys + TLS (wss://, pinned cert) vs shared token (ws://)", tls_pair,
                   limit=None, unit="ms", scale=scale, notes=note),
     ]

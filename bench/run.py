@@ -32,7 +32,7 @@ __all__ = ["main", "BENCHMARKS", "SIZES"]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
 # id -> sizes (full, quick). Counts are events for B1/B2, changes for B3/B4/B6/B7, writes for B5,
-# rounds per sample for B8.
+# rounds per sample for B10.
 SIZES = {
     "B1": (20_000, 300),
     "B2": (20_000, 300),
@@ -41,7 +41,7 @@ SIZES = {
     "B5": (1_000, 30),
     "B6": (1_000_000, 12_000),
     "B7": ((10_000, 100_000, 1_000_000), (1_000, 4_000, 12_000)),
-    "B8": (200, 10),
+    "B10": (200, 10),
 }
 
 BENCHMARKS = {
@@ -52,7 +52,7 @@ BENCHMARKS = {
     "B5": lambda ctx, size: live.b5_live(ctx, size),
     "B6": lambda ctx, size: replication.b6_initial_sync(ctx, size),
     "B7": lambda ctx, size: replication.b7_scaling(ctx, size),
-    "B8": lambda ctx, size: handshake.b8_handshake(ctx, size),
+    "B10": lambda ctx, size: handshake.b10_handshake(ctx, size),
 }
 
 _WHAT = {
@@ -63,7 +63,7 @@ _WHAT = {
     "B5": "live propagation, 3 replicas",
     "B6": "initial sync of 1M changes",
     "B7": "sync scaling",
-    "B8": "handshake overhead: token, keys, keys + TLS",
+    "B10": "handshake overhead: token, keys, keys + TLS",
 }
 
 

@@ -294,3 +294,17 @@ def test_a_peer_re_reads_the_schema_after_another_connection_migrates(tmp_path, 
     Peer(client).sync_with(peer)  # accepted: both announce the new schema, color included
     with server_db.reading() as s:
         assert s.scalar("SELECT color FROM topics WHERE id = 't1'") == "red"
+
+
+def test_a_client_that_never_completes_the_handshake_is_dropped(open_db):
+    """A silent connection must not hold a server thread for ever; others are still served."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect as ws_connect
+
+    hub, other = open_db("hub"), open_db("other")
+    topic(hub, "t1")
+    with serve(hub, handshake_timeout=0.3) as server:
+        with ws_connect(server.url) as silent:
+            with pytest.raises(ConnectionClosed):
+                silent.recv(timeout=WAIT)  # the server closes it; nothing was ever sent
+        assert Peer(other).sync_with(server.url).pulled == 3

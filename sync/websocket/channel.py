@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from engine import Database
 
 from ..errors import TransportError
-from ..session import Session, SyncResult
+from ..session import Session, State, SyncResult
 
 __all__ = ["Channel", "TransportStats", "CLOSE_TIMEOUT", "INBOX_FRAMES", "closed_reason"]
 
@@ -114,14 +114,18 @@ class Channel:
         *,
         db: Database | None = None,
         idle_timeout: float | None = None,
+        handshake_timeout: float | None = None,
         on_progress: Callable[[Session], None] | None = None,
     ) -> None:
         """Drive the session until it finishes or the connection closes; always closes the socket.
         With `db`, the session is woken (`local_changes()`) after every commit to it.
 
         Raises:
-            TransportError: nothing arrived for `idle_timeout` seconds.
+            TransportError: nothing arrived for `idle_timeout` seconds, or the handshake was not
+                complete after `handshake_timeout` seconds (a silent or stalling peer must not
+                hold a server thread).
         """
+        deadline = None if handshake_timeout is None else time.monotonic() + handshake_timeout
         reader = threading.Thread(target=self._read, name=f"sync-ws-read {self.label}", daemon=True)
         reader.start()
         unsubscribe = db.on_change(self.wake) if db is not None else None
@@ -129,9 +133,15 @@ class Channel:
             self._send(self.session.start())
             self.wake()
             while not self.session.finished:
+                if deadline is not None and self.session.state is not State.HANDSHAKE:
+                    deadline = None
+                wait = self._wait(idle_timeout, deadline)
                 try:
-                    item = self._inbox.get(timeout=idle_timeout)
+                    item = self._inbox.get(timeout=wait)
                 except queue.Empty:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TransportError(f"{self.label}: handshake not complete after "
+                                             f"{handshake_timeout:g}s") from None
                     raise TransportError(f"{self.label}: nothing received for {idle_timeout:g}s") from None
                 if item is _CLOSED:
                     break
@@ -151,6 +161,14 @@ class Channel:
             self.ws.close()
             self._drain_until_done(reader)
             self._count()
+
+    @staticmethod
+    def _wait(idle_timeout: float | None, deadline: float | None) -> float | None:
+        """How long the next inbox wait may last: the idle timeout, cut short by the deadline."""
+        if deadline is None:
+            return idle_timeout
+        left = max(0.0, deadline - time.monotonic())
+        return left if idle_timeout is None else min(idle_timeout, left)
 
     def _drain_until_done(self, reader: threading.Thread) -> None:
         """Wait for the reader to end, emptying the inbox so a reader blocked on a full inbox

@@ -21,6 +21,9 @@ __all__ = ["serve", "SyncServer", "server_url", "remote_address"]
 
 log = logging.getLogger("sync.websocket")
 
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a connection may take to authenticate (hello, proof) before the server drops it."""
+
 
 class SyncServer:
     """A WebSocket sync server in background threads; see `serve`."""
@@ -36,6 +39,7 @@ class SyncServer:
         require_keys: bool = False,
         ssl: ssl_module.SSLContext | None = None,
         max_size: int = MAX_MESSAGE_BYTES,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ):
         if peer is not None and token is not None and peer.token != token:
             raise ValueError("serve(): token= differs from peer.token; give the token to the Peer only")
@@ -44,6 +48,7 @@ class SyncServer:
         self.db = db
         self.peer = peer or Peer(db, token=token, require_keys=require_keys)
         self.tls = ssl is not None
+        self.handshake_timeout = handshake_timeout
         self.stats = TransportStats()
         self._closed = False
         self._lock = threading.Lock()
@@ -75,7 +80,7 @@ class SyncServer:
         session = self.peer.session(Role.SERVER, binding=channel_binding(ws.socket))
         channel = Channel(ws, session, label=label, stats=self.stats)
         try:
-            channel.run(db=self.db)
+            channel.run(db=self.db, handshake_timeout=self.handshake_timeout)
         except Exception:
             log.exception("%s: connection failed", label)
         finally:
@@ -130,6 +135,7 @@ def serve(
     require_keys: bool = False,
     ssl: ssl_module.SSLContext | None = None,
     max_size: int = MAX_MESSAGE_BYTES,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> SyncServer:
     """Serve `db` over WebSocket from background threads; listening when this returns.
 
@@ -141,11 +147,13 @@ def serve(
     that prove a key of this replica's trust list, each with its grant (sync.handshake,
     sync.trust). `ssl`: a server TLS context (sync.tls.server_context): the server speaks
     wss:// only (the context is adjusted in place: sync.tls.prepare_server_context). Frames above
-    `max_size` bytes close that connection (code 1009). Close with `server.close()` or use
+    `max_size` bytes close that connection (code 1009); a connection that has not completed
+    the handshake after `handshake_timeout` seconds is dropped (a silent peer holds no thread). Close with `server.close()` or use
     `with`.
 
     Raises:
         OSError: the address cannot be bound (port in use, bad host).
         ValueError: `token` or `require_keys` disagree with the given `peer`.
     """
-    return SyncServer(db, host, port, token=token, peer=peer, require_keys=require_keys, ssl=ssl, max_size=max_size)
+    return SyncServer(db, host, port, token=token, peer=peer, require_keys=require_keys, ssl=ssl, max_size=max_size,
+                      handshake_timeout=handshake_timeout)
