@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 import sync
 from engine import Database, EngineError
@@ -391,6 +393,19 @@ async def test_keys_over_tls_both_ways_between_the_asyncio_and_threaded_transpor
         assert result.remote_key == hub_key and result.pulled == 3   # the phone's topics
     assert_converged([hub, laptop, phone])
     assert topic_ids(stranger) == set()
+
+
+@aio
+async def test_a_client_that_never_completes_the_handshake_is_dropped(open_db):
+    """A silent connection must not hold a server task for ever; others are still served."""
+    hub, other = open_db("hub"), open_db("other")
+    add_topics(hub, "hub")
+    async with serve(hub, handshake_timeout=0.3) as server:
+        async with ws_connect(server.url) as silent:
+            with pytest.raises(ConnectionClosed):
+                async with asyncio.timeout(10):
+                    await silent.recv()  # the server closes it; nothing was ever sent
+        assert (await AsyncPeer(other).sync_with(server.url)).pulled == 3
 
 
 @aio

@@ -22,9 +22,8 @@ from websockets.exceptions import ConnectionClosed
 
 from engine import Database
 
-from ..errors import TransportError
 from ..session import Session
-from ..websocket.channel import INBOX_FRAMES, TransportStats, closed_reason
+from ..websocket.channel import INBOX_FRAMES, Timeouts, TransportStats, closed_reason
 
 __all__ = ["AsyncChannel", "Lane", "loop_listener"]
 
@@ -100,6 +99,7 @@ class AsyncChannel:
         *,
         db: Database | None = None,
         idle_timeout: float | None = None,
+        handshake_timeout: float | None = None,
         on_progress: Callable[[Session], None] | None = None,
     ) -> None:
         """Drive the session until it finishes or the connection closes. With `db`, the
@@ -108,8 +108,10 @@ class AsyncChannel:
         (`lane.finish(session.close)`).
 
         Raises:
-            TransportError: nothing arrived for `idle_timeout` seconds.
+            TransportError: nothing arrived for `idle_timeout` seconds, or the handshake was
+                not complete after `handshake_timeout` seconds.
         """
+        timeouts = Timeouts(self.label, idle_timeout, handshake_timeout)
         reader = asyncio.create_task(self._read(), name=f"sync-aio-read {self.label}")
         unsubscribe = db.on_change(loop_listener(asyncio.get_running_loop(), self.wake)) if db is not None else None
         session, call = self.session, self.lane.call
@@ -118,10 +120,10 @@ class AsyncChannel:
             self.wake()
             while not session.finished:
                 try:
-                    async with asyncio.timeout(idle_timeout):
+                    async with asyncio.timeout(timeouts.next_wait(session)):
                         item = await self._inbox.get()
                 except TimeoutError:
-                    raise TransportError(f"{self.label}: nothing received for {idle_timeout:g}s") from None
+                    raise timeouts.expired() from None
                 if item is _CLOSED:
                     break
                 if isinstance(item, bytes):

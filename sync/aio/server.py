@@ -27,7 +27,7 @@ from ..protocol import MAX_MESSAGE_BYTES
 from ..session import Role
 from ..tls import channel_binding
 from ..websocket.channel import CLOSE_TIMEOUT, TransportStats
-from ..websocket.server import remote_address, server_url
+from ..websocket.server import HANDSHAKE_TIMEOUT, remote_address, server_url
 from .channel import AsyncChannel, Lane
 from .peer import database_of
 
@@ -50,6 +50,7 @@ class AsyncSyncServer:
         require_keys: bool = False,
         ssl: ssl_module.SSLContext | None = None,
         max_size: int = MAX_MESSAGE_BYTES,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ):
         if peer is not None and token is not None and peer.token != token:
             raise ValueError("serve(): token= differs from peer.token; give the token to the Peer only")
@@ -63,6 +64,7 @@ class AsyncSyncServer:
         self.peer = peer
         self.ssl = ssl
         self.max_size = max_size
+        self.handshake_timeout = handshake_timeout
         self.stats = TransportStats()
         self._server: Server | None = None
         self._closed = False
@@ -96,7 +98,7 @@ class AsyncSyncServer:
         lane = Lane()
         channel = AsyncChannel(ws, session, lane, label=label, stats=self.stats)
         try:
-            await channel.run(db=self.db)
+            await channel.run(db=self.db, handshake_timeout=self.handshake_timeout)
         except Exception:
             log.exception("%s: connection failed", label)
         finally:
@@ -138,6 +140,7 @@ def serve(
     require_keys: bool = False,
     ssl: ssl_module.SSLContext | None = None,
     max_size: int = MAX_MESSAGE_BYTES,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> Opening[AsyncSyncServer]:
     """Serve `db` over WebSocket on the running event loop: `async with serve(...) as server:`
     (closed when the block ends) or `server = await serve(...)` (then `await server.close()`).
@@ -145,8 +148,8 @@ def serve(
 
     Many clients at once, one-shot or live, exactly as `sync.serve`: same protocol, `token`,
     `require_keys` (admit only trusted keys, each with its grant), `ssl` (a server TLS
-    context: wss://), `peer=` for page limits or an identity, `max_size`. `port=0` picks a
-    free port (`server.port`, `server.url`). Threaded clients (`sync.Peer.sync_with`,
+    context: wss://), `peer=` for page limits or an identity, `max_size`, `handshake_timeout`
+    (a connection still unauthenticated after it is dropped). `port=0` picks a free port (`server.port`, `server.url`). Threaded clients (`sync.Peer.sync_with`,
     `sync.connect`) and asyncio ones (`AsyncPeer.sync_with`) are served alike.
 
     Raises:
@@ -155,5 +158,5 @@ def serve(
             `require_keys` with a peer that does not require keys.
     """
     server = AsyncSyncServer(db, host, port, token=token, peer=peer, require_keys=require_keys, ssl=ssl,
-                             max_size=max_size)
+                             max_size=max_size, handshake_timeout=handshake_timeout)
     return Opening(server.start)

@@ -23,7 +23,7 @@ from engine import Database
 from ..errors import TransportError
 from ..session import Session, State, SyncResult
 
-__all__ = ["Channel", "TransportStats", "CLOSE_TIMEOUT", "INBOX_FRAMES", "closed_reason"]
+__all__ = ["Channel", "TransportStats", "Timeouts", "CLOSE_TIMEOUT", "INBOX_FRAMES", "closed_reason"]
 
 log = logging.getLogger("sync.websocket")
 
@@ -60,6 +60,34 @@ class TransportStats:
             f"<TransportStats connections={self.connections} sent={self.changes_sent} "
             f"received={self.changes_received} applied={self.changes_applied}>"
         )
+
+
+class Timeouts:
+    """The waits of one channel: `idle_timeout` seconds between two frames, and one deadline
+    `handshake_timeout` seconds after the start for the whole opening exchange (a silent or
+    stalling peer must not hold a server thread or task). None: no limit."""
+
+    def __init__(self, label: str, idle_timeout: float | None, handshake_timeout: float | None):
+        self.label = label
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.deadline = None if handshake_timeout is None else time.monotonic() + handshake_timeout
+
+    def next_wait(self, session: Session) -> float | None:
+        """How long the next wait for a frame may last: the idle timeout, cut short by the
+        handshake deadline while the session is still in its handshake."""
+        if self.deadline is not None and session.state is not State.HANDSHAKE:
+            self.deadline = None
+        if self.deadline is None:
+            return self.idle_timeout
+        left = max(0.0, self.deadline - time.monotonic())
+        return left if self.idle_timeout is None else min(self.idle_timeout, left)
+
+    def expired(self) -> TransportError:
+        """The error for a wait that ran out."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return TransportError(f"{self.label}: handshake not complete after {self.handshake_timeout:g}s")
+        return TransportError(f"{self.label}: nothing received for {self.idle_timeout:g}s")
 
 
 def closed_reason(exc: ConnectionClosed | None) -> str:
@@ -125,7 +153,7 @@ class Channel:
                 complete after `handshake_timeout` seconds (a silent or stalling peer must not
                 hold a server thread).
         """
-        deadline = None if handshake_timeout is None else time.monotonic() + handshake_timeout
+        timeouts = Timeouts(self.label, idle_timeout, handshake_timeout)
         reader = threading.Thread(target=self._read, name=f"sync-ws-read {self.label}", daemon=True)
         reader.start()
         unsubscribe = db.on_change(self.wake) if db is not None else None
@@ -133,16 +161,10 @@ class Channel:
             self._send(self.session.start())
             self.wake()
             while not self.session.finished:
-                if deadline is not None and self.session.state is not State.HANDSHAKE:
-                    deadline = None
-                wait = self._wait(idle_timeout, deadline)
                 try:
-                    item = self._inbox.get(timeout=wait)
+                    item = self._inbox.get(timeout=timeouts.next_wait(self.session))
                 except queue.Empty:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise TransportError(f"{self.label}: handshake not complete after "
-                                             f"{handshake_timeout:g}s") from None
-                    raise TransportError(f"{self.label}: nothing received for {idle_timeout:g}s") from None
+                    raise timeouts.expired() from None
                 if item is _CLOSED:
                     break
                 if item is not _WAKE:
@@ -161,14 +183,6 @@ class Channel:
             self.ws.close()
             self._drain_until_done(reader)
             self._count()
-
-    @staticmethod
-    def _wait(idle_timeout: float | None, deadline: float | None) -> float | None:
-        """How long the next inbox wait may last: the idle timeout, cut short by the deadline."""
-        if deadline is None:
-            return idle_timeout
-        left = max(0.0, deadline - time.monotonic())
-        return left if idle_timeout is None else min(idle_timeout, left)
 
     def _drain_until_done(self, reader: threading.Thread) -> None:
         """Wait for the reader to end, emptying the inbox so a reader blocked on a full inbox
