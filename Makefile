@@ -4,9 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXT := extensions/crsqlite.so
 
-.PHONY: test demo bench extension venv nats-server clean
+.PHONY: test demo bench extension venv wheel typecheck nats-server clean
 
+# engine/ is kept clean under mypy --strict: `make test` checks it before the tests run.
 test: extension venv nats-server
+	$(PY) -m mypy --strict engine
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: extension venv
@@ -15,6 +17,17 @@ demo: extension venv
 # make bench [BENCH=B1,B3] [BENCH_QUICK=1]: benchmarks vs baselines; not part of `make test`.
 bench: extension venv nats-server
 	$(PY) bench/run.py $(BENCH) $(if $(filter-out 0,$(BENCH_QUICK)),--quick)
+
+# make wheel: dist/crdt_execution_store-*-py3-none-<platform>.whl, crsqlite.so and migrations inside.
+# build/ is cleared first so that no file removed from the source lingers in the wheel.
+wheel: extension venv
+	rm -rf build
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
+	@ls dist/*.whl
+
+# make typecheck: mypy --strict over both packages (`make test` enforces it on engine/ only, so far).
+typecheck: venv
+	$(PY) -m mypy --strict engine sync
 
 # build.sh decides itself whether anything changed (it keeps a stamp of its inputs).
 extension:
@@ -26,11 +39,11 @@ nats-server:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
 clean:
-	rm -rf $(VENV) extensions/.build $(EXT) extensions/crsqlite.so.stamp
+	rm -rf $(VENV) extensions/.build $(EXT) extensions/crsqlite.so.stamp build dist

@@ -35,7 +35,7 @@ from .harness import BenchError, Row, median
 from .live import Watcher, percentile, wait_visible
 from .replication import TOKEN, server_url
 
-__all__ = ["b8_fanout", "RECEIVERS"]
+__all__ = ["b9_fanout", "RECEIVERS"]
 
 RECEIVERS = 10
 _WARMUP = 10
@@ -45,7 +45,7 @@ _BURST_TIMEOUT = 120.0
 
 @contextmanager
 def _over_nats(ws: Workspace, replicas: list) -> Iterator[None]:
-    with LocalNatsServer(tempfile.mkdtemp(prefix="b8-nats-", dir=ws.folder)) as server:  # a fresh store
+    with LocalNatsServer(tempfile.mkdtemp(prefix="b9-nats-", dir=ws.folder)) as server:  # a fresh store
         started = [sync.nats.replicate(db, server.url, name="bench") for db in replicas]
         try:
             for replica in started:
@@ -58,7 +58,7 @@ def _over_nats(ws: Workspace, replicas: list) -> Iterator[None]:
 
 @contextmanager
 def _over_hub(ws: Workspace, replicas: list) -> Iterator[None]:
-    hub = ws.fresh("b8-hub")
+    hub = ws.fresh("b9-hub")
     server = sync.serve(hub, "127.0.0.1", 0, token=TOKEN)
     clients = []
     try:
@@ -110,8 +110,8 @@ def _burst(writer, watchers: list[Watcher], receivers: list, rows: list[tuple]) 
 def _measure(ctx, kind: str, burst: int, writes: int) -> tuple[list[float], tuple[float, float]]:
     """(latencies in seconds, (wall, CPU) seconds of the burst) of one topology on fresh replicas."""
     ws: Workspace = ctx.ws
-    writer = ws.fresh(f"b8-{kind}-writer")
-    receivers = [ws.fresh(f"b8-{kind}-r{i}") for i in range(RECEIVERS)]
+    writer = ws.fresh(f"b9-{kind}-writer")
+    receivers = [ws.fresh(f"b9-{kind}-r{i}") for i in range(RECEIVERS)]
     topology = _over_nats if kind == "nats" else _over_hub
     watchers = [Watcher(db) for db in receivers]
     try:

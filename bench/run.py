@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import from the repo root, not from bench/
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench import fanout, live, replication, stores  # noqa: E402
+from bench import fanout, handshake, live, replication, stores  # noqa: E402
 from bench.data import Workspace  # noqa: E402
 from bench.harness import Row, machine_facts, render_table, write_results  # noqa: E402
 
@@ -32,7 +32,7 @@ __all__ = ["main", "BENCHMARKS", "SIZES"]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
 # id -> sizes (full, quick). Counts are events for B1/B2, changes for B3/B4/B6/B7, writes for B5,
-# (burst events, latency writes) for B9.
+# (burst events, latency writes) for B9, rounds per sample for B10.
 SIZES = {
     "B1": (20_000, 300),
     "B2": (20_000, 300),
@@ -42,6 +42,7 @@ SIZES = {
     "B6": (1_000_000, 12_000),
     "B7": ((10_000, 100_000, 1_000_000), (1_000, 4_000, 12_000)),
     "B9": ((2_000, 300), (100, 30)),  # (burst events, latency writes)
+    "B10": (200, 10),
 }
 
 BENCHMARKS = {
@@ -53,6 +54,7 @@ BENCHMARKS = {
     "B6": lambda ctx, size: replication.b6_initial_sync(ctx, size),
     "B7": lambda ctx, size: replication.b7_scaling(ctx, size),
     "B9": lambda ctx, size: fanout.b9_fanout(ctx, size),
+    "B10": lambda ctx, size: handshake.b10_handshake(ctx, size),
 }
 
 _WHAT = {
@@ -64,6 +66,7 @@ _WHAT = {
     "B6": "initial sync of 1M changes",
     "B7": "sync scaling",
     "B9": "fan-out 1 -> 10: NATS JetStream vs hub",
+    "B10": "handshake overhead: token, keys, keys + TLS",
 }
 
 

@@ -33,24 +33,25 @@ never releases an event the run lost: step 5 gives it to the winner.
 A conflict row's id comes from its kind and subjects, so the same conflict found on two
 replicas is one row after they sync. Every write here is part of the merging transaction.
 
-    from engine.replication import install_audit
-    remove = install_audit(peer)          # or install_audit(db)
-    peer.sync_with(other)                 # conflicts land in db.conflicts.list()
+The audit is on by default: `Database.open` registers it with `db.on_merge` when the file
+holds the execution stores' tables (`Database.open(path, audit=False)` opts out).
+
+    db = Database.open("app.db")          # audited
+    Peer(db).sync_with(other)             # conflicts land in db.conflicts.list()
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import msgspec
 
 from . import claims as c
 from .conflicts import Conflict
-from .database import Database, Session
+from .database import Database, Row, Session
 from .events import RESERVED
 from .execution import past_mutation_boundary
 from .handler_runs import RUNS
@@ -60,7 +61,7 @@ from .topics import insert_topic
 __all__ = [
     "AuditReport",
     "CONFLICT_ERROR_TYPE",
-    "install_audit",
+    "enable_audit",
     "audit",
     "audit_all",
     "open_conflicts_summary",
@@ -70,7 +71,6 @@ log = logging.getLogger("engine.replication")
 
 CONFLICT_ERROR_TYPE = "conflict"
 _AUDITED = frozenset({"handler_runs", "events", "topics", "ownership"})
-_installed: "weakref.WeakKeyDictionary[Database, Callable[[], None]]" = weakref.WeakKeyDictionary()
 
 
 class AuditReport(msgspec.Struct):
@@ -87,6 +87,10 @@ class AuditReport(msgspec.Struct):
         return any(getattr(self, field) for field in self.__struct_fields__)
 
 
+_Ranking: TypeAlias = Callable[[Iterable[c.Claim]], list[c.Claim]]
+"""Sorts the claims on one event, the winner first (claims.rank)."""
+
+
 class _Scope(msgspec.Struct):
     runs: set[str] = msgspec.field(default_factory=set)
     events: set[str] = msgspec.field(default_factory=set)
@@ -97,47 +101,28 @@ class _Scope(msgspec.Struct):
 # -- entry points ----------------------------------------------------------------------------
 
 
-def install_audit(target: Any) -> Callable[[], None]:
-    """Run `audit` inside every transaction that merges received changes into a replica.
-
-    `target` is a `sync.Peer` (its `after_apply`) or a `Database` (then `sync.changes` is
-    imported here, at call time: the engine does not depend on sync). Installing twice is a
-    no-op. Returns a function that uninstalls it.
+def enable_audit(db: Database) -> Callable[[], None] | None:
+    """Run `audit` inside every transaction that merges received changes into `db`, if it
+    holds the execution stores' tables (`Database.open` calls this unless `audit=False`).
+    Returns the function that turns it off again, or None for another schema.
 
     An error from the audit (e.g. a row it cannot interpret) is logged and its writes
     rolled back, but the merge goes on: a bad row must not stop sync for good.
     """
-    db: Database = getattr(target, "db", target)
-    if db in _installed:
-        return _installed[db]
-
-    # Neither the hook nor `uninstall` may hold `db` strongly: both live in tables keyed
-    # weakly by the database, which would otherwise never be collected.
-    def hook(tx: Session, merged: Sequence[tuple[str, tuple]]) -> None:
-        try:
-            audit(tx.db, merged, tx=tx)
-        except Exception:  # a bug in the audit must not make every retry of this merge fail
-            log.exception("after-merge audit of %s failed; the merge is kept", tx.db.path)
-
-    if hasattr(target, "after_apply"):
-        remove_hook = target.after_apply(hook)
-    else:
-        from sync.changes import add_after_apply
-
-        remove_hook = add_after_apply(db, hook)
-    db_ref = weakref.ref(db)
-
-    def uninstall() -> None:
-        remove_hook()
-        installed_on = db_ref()
-        if installed_on is not None:
-            _installed.pop(installed_on, None)
-
-    _installed[db] = uninstall
-    return uninstall
+    if not _AUDITED <= set(db.crr_tables):
+        return None
+    return db.on_merge(_audit_merge)
 
 
-def audit(db: Database, merged: Iterable[tuple[str, tuple]], *, tx: Session | None = None) -> AuditReport:
+def _audit_merge(tx: Session, merged: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+    """The `on_merge` listener (module-level: it keeps no database alive)."""
+    try:
+        audit(tx.db, merged, tx=tx)
+    except Exception:  # a bug in the audit must not make every retry of this merge fail
+        log.exception("after-merge audit of %s failed; the merge is kept", tx.db.path)
+
+
+def audit(db: Database, merged: Iterable[tuple[str, tuple[Any, ...]]], *, tx: Session | None = None) -> AuditReport:
     """Audit the rows a merge touched: `merged` lists (table, primary-key values), as sync's
     after-apply hook passes them. Rows of other tables are ignored. Returns what it did."""
     scope = _Scope()
@@ -259,8 +244,8 @@ class _Audit:
         listing = c.listed_events(self.s, wf)
         by_run: dict[str, set[str]] = {}
         for event, ids in listing.items():
-            for run in ids:
-                by_run.setdefault(run, set()).add(event)
+            for run_id in ids:
+                by_run.setdefault(run_id, set()).add(event)
         scope = set(events)
         for run in runs:
             scope |= by_run.get(run.id, set())
@@ -288,7 +273,9 @@ class _Audit:
             found = ranked(claims[event])
             self._repair_event(event, *state[event], found[0] if found else None)
 
-    def _claims(self, scope: set[str], listing: dict[str, list[str]], owner: str | None):
+    def _claims(self, scope: set[str], listing: dict[str, list[str]], owner: str | None) -> tuple[
+        dict[str, list[c.Claim]], dict[str, tuple[str, str]], dict[str, str], _Ranking
+    ]:
         """For the events in `scope`: claims per event, (status, holder) per event, the
         creating site of every contested run, and a function sorting claims winner first."""
         state = {id: (status, holder) for id, status, holder in self._rows(
@@ -328,7 +315,7 @@ class _Audit:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _record(self, kind: str, wf: str, subjects: list[str], detail: dict) -> Conflict:
+    def _record(self, kind: str, wf: str, subjects: list[str], detail: dict[str, Any]) -> Conflict:
         conflict, created = self.db.conflicts.record(kind, wf, subjects, detail, tx=self.s)
         if created:
             self.report.conflicts.append(conflict.id)
@@ -356,17 +343,17 @@ class _Audit:
                 " WHERE handler_run_id = ? AND status = 'in_flight' RETURNING id", (now, now, run.id))
             self.report.reconciling.extend(r[0] for r in rows)
 
-    def _rows(self, sql: str, ids: Iterable[str], params: tuple = ()) -> list[tuple]:
+    def _rows(self, sql: str, ids: Iterable[str], params: tuple[str, ...] = ()) -> list[Row]:
         """Run `sql` (its `{}` becomes the placeholders of a chunk of `ids`) for every chunk."""
         ids = sorted(set(ids))
         if "{}" not in sql:
             return self.s.execute(sql, params)
-        out: list[tuple] = []
+        out: list[Row] = []
         for chunk in chunks(ids):
             out.extend(self.s.execute(sql.format(placeholders(chunk)), (*chunk, *params)))
         return out
 
-    def _ids(self, sql: str, ids: Iterable[str], params: tuple = ()) -> list[str]:
+    def _ids(self, sql: str, ids: Iterable[str], params: tuple[str, ...] = ()) -> list[str]:
         return [row[0] for row in self._rows(sql, ids, params)]
 
     def _event_workflows(self, ids: set[str]) -> dict[str, str]:

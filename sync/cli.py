@@ -1,12 +1,21 @@
 """`crdt-sync`: the command line for replicas — create, inspect, serve, sync, export, import.
 
-    crdt-sync init app.db
+    crdt-sync init app.db                                       # also creates its key pair
+    crdt-sync id app.db                                         # print its public key
+    crdt-sync trust app.db ed25519:... --name laptop --can write [--tables events,topics]
+    crdt-sync untrust app.db ed25519:...
     crdt-sync status app.db
+    crdt-sync doctor app.db                                     # exit 1 when something is wrong
     crdt-sync serve app.db --port 8765 --token s3cret          # until Ctrl-C, live
+    crdt-sync serve app.db --port 8765 --keys --cert c.pem --key k.pem   # wss://, trusted keys only
+    crdt-sync sync other.db wss://host:8765 --server-key ed25519:... --cafile c.pem
     crdt-sync sync other.db ws://127.0.0.1:8765 --token s3cret  # one pull+push round
+    crdt-sync sync other.db ws://127.0.0.1:8765 --progress      # with a progress bar
     crdt-sync export app.db --for 0123...cdef changes.bin
     crdt-sync import other.db changes.bin
-    crdt-sync nats app.db --server nats://127.0.0.1:4222     # until Ctrl-C, live through JetStream
+    crdt-sync clone copied.db fresh.db
+    crdt-sync nats app.db --server nats://127.0.0.1:4222      # until Ctrl-C, live through JetStream
+    crdt-sync nats app.db --server nats://h:4222 --bootstrap wss://hub:8765 --server-key ed25519:...
 
 This module is the roof's edge: it is the one place where errors become one line on stderr and
 a non-zero exit code (`EngineError`, `SyncError`, `OSError`, APSW errors). Everything below it
@@ -18,22 +27,29 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
 import apsw
 
 from engine import Database, EngineError
+from engine.doctor import Fact, diagnose, write_diagnosis
 
-from .changes import watermarks
+from .watermarks import PeerWatermark, stream_origin, watermarks
 from .errors import SyncError
 from .files import export_changes, import_changes
+from .identity import load_identity, parse_public_key
 from .peer import Peer
+from .progress import ProgressCallback, SyncProgress
 from .protocol import parse_site_id
+from .tls import client_context, server_context
+from .trust import Grant, trust_peer, trusted_peers, untrust_peer
 from .websocket import connect, serve, sync_with_url
 
 __all__ = [
@@ -42,6 +58,7 @@ __all__ = [
     "write_status",
     "register_status_section",
     "CommandError",
+    "ProgressBar",
     "EXIT_OK",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
@@ -96,8 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    init = command("init", "Create a replica (or migrate an existing one) and print its site id.", _cmd_init)
+    init = command("init", "Create a replica (or migrate an existing one) with its key pair; print its site id and public key.", _cmd_init)
     init.add_argument("db", metavar="DB", help="path of the database file to create")
+
+    ident = command("id", "Print the replica's public key (creating its key pair if it has none).", _cmd_id)
+    ident.add_argument("db", metavar="DB", help="path of an existing database file")
+
+    trust = command("trust", "Admit a peer's public key, read-only or read-write (again: change its grant).", _cmd_trust)
+    trust.add_argument("db", metavar="DB", help="path of an existing database file")
+    trust.add_argument("public_key", metavar="PUBKEY", type=_public_key, help="the peer's key as `crdt-sync id` prints it (ed25519:...)")
+    trust.add_argument("--name", required=True, help="a name for the peer, shown in logs and errors (e.g. laptop)")
+    trust.add_argument("--can", required=True, choices=[g.value for g in Grant], help="read: may pull only; write: may pull and push")
+    trust.add_argument(
+        "--tables", type=_table_list, default=(), metavar="T1,T2",
+        help="with --can write: the only tables it may write (comma-separated; default: all)",
+    )
+
+    untrust = command("untrust", "Remove a peer's public key from the trust list.", _cmd_untrust)
+    untrust.add_argument("db", metavar="DB", help="path of an existing database file")
+    untrust.add_argument("public_key", metavar="PUBKEY", type=_public_key, help="the key to remove (ed25519:...)")
 
     status = command("status", "Show a replica's site id, db_version, schema and known peers.", _cmd_status)
     status.add_argument("db", metavar="DB", help="path of an existing database file")
@@ -108,18 +142,47 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     _add_token(serve)
     serve.add_argument(
+        "--keys", action="store_true",
+        help="admit only clients proving a key of the trust list (crdt-sync trust), each with its grant; "
+             "--peer servers must prove a trusted key too",
+    )
+    serve.add_argument("--cert", metavar="FILE", help="serve wss:// with this PEM certificate (chain); needs --key")
+    serve.add_argument("--key", metavar="FILE", help="the PEM private key of --cert")
+    serve.add_argument(
         "--peer",
         action="append",
         default=[],
         metavar="URL",
-        help="also keep a live connection to this ws:// server (repeatable; makes a relay)",
+        help="also keep a live connection to this ws:// or wss:// server (repeatable; makes a relay)",
     )
+    _add_client_tls(serve)
+
+    doctor = command(
+        "doctor", "Check a replica, never creating nor migrating it (extension, schema, peers, WAL); exit 1 if wrong.",
+        _cmd_doctor,
+    )
+    doctor.add_argument("db", metavar="DB", help="path of the database file to check")
 
     sync = command("sync", "Run one pull-then-push round with a ws:// server and print the counts.", _cmd_sync)
     sync.add_argument("db", metavar="DB", help="path of an existing database file")
-    sync.add_argument("url", metavar="URL", help="the server, e.g. ws://127.0.0.1:8765")
+    sync.add_argument("url", metavar="URL", help="the server, e.g. ws://127.0.0.1:8765 or wss://host:8765")
     _add_token(sync)
-    sync.add_argument("--quiet", "-q", action="store_true", help="no per-page progress on stderr")
+    sync.add_argument(
+        "--keys", action="store_true",
+        help="prove this replica's key, and require the server to prove a key of the trust list",
+    )
+    sync.add_argument(
+        "--server-key", type=_public_key, metavar="PUBKEY",
+        help="the key the server must prove (ed25519:..., `crdt-sync id` on the server); implies key authentication",
+    )
+    _add_client_tls(sync)
+    shown = sync.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", "-q", action="store_true", help="no progress output on stderr")
+    shown.add_argument(
+        "--progress", action="store_true",
+        help="a progress bar on stderr (changes, MB, rate, ETA) even when it is not a terminal "
+             "(on a terminal it is the default; otherwise one line per page)",
+    )
 
     export = command("export", "Write the changes a peer lacks to a file (air-gapped transfer).", _cmd_export)
     export.add_argument("db", metavar="DB", help="path of an existing database file")
@@ -128,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="site id of the receiving peer (32 hex characters; `status` shows it)",
     )
     export.add_argument("file", metavar="FILE", help="file to write")
+
+    clone = command(
+        "clone", "Copy a replica to a new file with a site id of its own (the fix for a copied file or "
+        "a restored backup that sync refuses as a duplicate site).", _cmd_clone,
+    )
+    clone.add_argument("src", metavar="SRC", help="path of the existing database file to copy")
+    clone.add_argument("dst", metavar="DST", help="path of the new file (must not exist)")
 
     imp = command("import", "Apply a file written by `export` (all or nothing).", _cmd_import)
     imp.add_argument("db", metavar="DB", help="path of an existing database file")
@@ -145,9 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     on_nats.add_argument(
         "--bootstrap", metavar="URL",
-        help="ws:// peer to pull from when changes this replica lacks have left the stream",
+        help="ws:// or wss:// peer to pull from when changes this replica lacks have left the stream",
     )
     _add_token(on_nats, "token of the --bootstrap peer")
+    on_nats.add_argument(
+        "--keys", action="store_true",
+        help="--bootstrap: prove this replica's key, and require the peer to prove a key of the trust list",
+    )
+    on_nats.add_argument(
+        "--server-key", type=_public_key, metavar="PUBKEY",
+        help="--bootstrap: the key the peer must prove (ed25519:..., `crdt-sync id` there); implies key authentication",
+    )
+    _add_client_tls(on_nats)
     return parser
 
 
@@ -157,6 +236,59 @@ def _site_id(text: str) -> str:
         return parse_site_id(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _public_key(text: str) -> str:
+    """argparse type: a public key as `crdt-sync id` prints it."""
+    try:
+        parse_public_key(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text.strip()
+
+
+def _table_list(text: str) -> tuple[str, ...]:
+    """argparse type: `a,b` -> ('a', 'b'); the names are checked against the schema later."""
+    tables = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not tables:
+        raise argparse.ArgumentTypeError("expected table names separated by commas")
+    return tables
+
+
+def _add_client_tls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cafile", metavar="FILE", help="wss://: trust the server certificates in this PEM file (e.g. its self-signed one)")
+    parser.add_argument(
+        "--no-verify", action="store_true",
+        help="wss://: encrypt without checking the certificate; only with key authentication, whose "
+             "handshake is bound to the TLS channel and so authenticates the server",
+    )
+
+
+def _client_tls(args: argparse.Namespace, url: str, keys: bool) -> "ssl.SSLContext | None":
+    """The TLS context for connecting to `url` as the options ask (None: plain ws://, or the
+    system's CAs for wss://).
+
+    Raises:
+        CommandError: TLS options for a ws:// URL, or --no-verify without key authentication.
+    """
+    if not url.startswith("wss://"):
+        if args.cafile or args.no_verify:
+            raise CommandError(f"--cafile/--no-verify apply to wss:// URLs, not {url}")
+        return None
+    if args.no_verify:
+        if not keys:
+            raise CommandError("--no-verify needs key authentication (--keys or --server-key): "
+                               "without it nothing authenticates the server")
+        return client_context(verify=False)
+    return client_context(cafile=args.cafile) if args.cafile else None
+
+
+def _server_tls(args: argparse.Namespace) -> "ssl.SSLContext | None":
+    """Raises:
+        CommandError: only one of --cert and --key."""
+    if bool(args.cert) != bool(args.key):
+        raise CommandError("--cert and --key go together (a certificate and its private key)")
+    return server_context(args.cert, args.key) if args.cert else None
 
 
 def _add_token(parser: argparse.ArgumentParser, what: str = "shared secret peers must present") -> None:
@@ -202,16 +334,7 @@ def _open_existing(path: str) -> Database:
     """
     if path != ":memory:" and not Path(path).is_file():
         raise FileNotFoundError(2, f"no database (create it with `{PROG} init`)", path)
-    return _audited(Database.open(path))
-
-
-def _audited(db: Database) -> Database:
-    """Every merge this command makes is audited for replicated-execution conflicts (the CLI
-    is the roof: it may wire the engine's audit into sync's after-apply hook)."""
-    from engine.replication import install_audit
-
-    install_audit(db)
-    return db
+    return Database.open(path)  # merges are audited for conflicts (on by default)
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -225,6 +348,43 @@ def _cmd_init(args: argparse.Namespace) -> int:
     with Database.open(args.db) as db:
         verb = "opened existing" if existed else "created"
         print(f"{verb} {args.db}: site id {db.site_id}, schema version {db.schema_version}")
+        print(f"public key {load_identity(db).public_text}")
+    return EXIT_OK
+
+
+def _cmd_id(args: argparse.Namespace) -> int:
+    with _open_existing(args.db) as db:
+        print(load_identity(db).public_text)
+    return EXIT_OK
+
+
+def _cmd_trust(args: argparse.Namespace) -> int:
+    with _open_existing(args.db) as db:
+        own = load_identity(db, create=False)
+        if own is not None and parse_public_key(args.public_key) == own.public_key:
+            raise CommandError("that is this replica's own key; give the peer's key (`crdt-sync id` on the peer)")
+        try:
+            entry = trust_peer(db, args.public_key, name=args.name, can=args.can, tables=args.tables)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+    print(f"trusted {entry.describe()}")
+    return EXIT_OK
+
+
+def _cmd_untrust(args: argparse.Namespace) -> int:
+    with _open_existing(args.db) as db:
+        if not untrust_peer(db, args.public_key):
+            raise CommandError(f"{args.public_key} is not in the trust list of {args.db}")
+    print(f"untrusted {args.public_key}")
+    return EXIT_OK
+
+
+def _cmd_clone(args: argparse.Namespace) -> int:
+    with _open_existing(args.src) as db:
+        site = db.clone_to(args.dst)
+        print(f"cloned {args.src} to {args.dst}: site id {site} (was {db.site_id}); use {args.dst} from now on")
+    with Database.open(args.dst) as clone:  # a key belongs to one site id: the clone gets its own
+        print(f"public key of the clone {load_identity(clone).public_text} (new: trust it where the original was trusted)")
     return EXIT_OK
 
 
@@ -238,23 +398,57 @@ def write_status(db: Database, out: TextIO) -> None:
     """Print the facts of `db`: identity, clock, schema, CRR tables, peers, extra sections."""
     print(f"database:       {db.path}", file=out)
     print(f"site id:        {db.site_id}", file=out)
+    identity = load_identity(db, create=False)
+    print(f"public key:     {identity.public_text if identity else '(none yet: `crdt-sync id` creates it)'}", file=out)
     print(f"db_version:     {db.db_version}", file=out)
     print(f"schema version: {db.schema_version} (fingerprint {db.schema_fingerprint})", file=out)
     with db.reading() as session:
         counts = [(t, session.scalar(f'SELECT count(*) FROM "{t}"')) for t in db.crr_tables]
     print("tables:         " + ", ".join(f"{t} ({n} rows)" for t, n in counts), file=out)
-    peers = watermarks(db) if _has_table(db, "__sync_peers") else []  # never synced: no bookkeeping yet
+    peers, origins = _known_peers(db), _stream_origins(db)
     print(f"known peers:    {len(peers)}", file=out)
     for mark in peers:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mark.updated_at / 1000)) if mark.updated_at else "never"
-        print(
-            f"  {mark.site_id}  received through its db_version {mark.received}, "
-            f"acked through ours {mark.acked}, last sync {when}",
-            file=out,
-        )
+        print(f"  {_describe_peer(mark)}", file=out)
+    if origins:
+        print(f"NATS origins:   {len(origins)} (positions on a stream, not peers: crdt-sync nats)", file=out)
+        for mark in origins:
+            print(f"  {_describe_origin(mark)}", file=out)
+    trusted = trusted_peers(db)
+    print(f"trusted peers:  {len(trusted)}", file=out)
+    for entry in trusted:
+        print(f"  {entry.describe()}", file=out)
     for section in _status_sections:
         for line in section(db):
             print(line, file=out)
+
+
+def _all_watermarks(db: Database) -> list[PeerWatermark]:
+    """Every `__sync_peers` row (none, and no bookkeeping table, if `db` never synced)."""
+    return watermarks(db) if _has_table(db, "__sync_peers") else []
+
+
+def _known_peers(db: Database) -> list[PeerWatermark]:
+    """The peers `db` has synced with directly (WebSocket, in-process, files)."""
+    return [mark for mark in _all_watermarks(db) if stream_origin(mark.site_id) is None]
+
+
+def _stream_origins(db: Database) -> list[PeerWatermark]:
+    """What NATS streams brought of each origin's own changes (sync.nats): positions, not peers."""
+    return [mark for mark in _all_watermarks(db) if stream_origin(mark.site_id) is not None]
+
+
+def _when(mark: PeerWatermark) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mark.updated_at / 1000)) if mark.updated_at else "never"
+
+
+def _describe_peer(mark: PeerWatermark) -> str:
+    return (f"{mark.site_id}  received through its db_version {mark.received}, "
+            f"acked through ours {mark.acked}, last sync {_when(mark)}")
+
+
+def _describe_origin(mark: PeerWatermark) -> str:
+    return (f"{stream_origin(mark.site_id)}  its own changes merged from the stream through its db_version "
+            f"{mark.received}, last merge {_when(mark)}")
 
 
 def _has_table(db: Database, name: str) -> bool:
@@ -263,23 +457,91 @@ def _has_table(db: Database, name: str) -> bool:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
-    def progress(pulled: int, pushed: int) -> None:
-        print(f"{PROG}: ... pulled {pulled}, pushed {pushed}", file=sys.stderr, flush=True)
-
-    with _open_existing(args.db) as db:
-        result = sync_with_url(Peer(db), args.url, token=args.token, progress=None if args.quiet else progress)
-        print(f"pulled {result.pulled} changes, pushed {result.pushed} changes ({args.url})")
+    with _open_existing(args.db) as db, _progress_display(args) as progress:
+        keys = args.keys or args.server_key is not None
+        result = sync_with_url(Peer(db, require_keys=args.keys), args.url, token=args.token, progress=progress,
+                               server_key=args.server_key, ssl=_client_tls(args, args.url, keys))
+    print(f"pulled {result.pulled} changes, pushed {result.pushed} changes ({args.url})")
     return EXIT_OK
+
+
+@contextmanager
+def _progress_display(args: argparse.Namespace) -> Iterator[ProgressCallback | None]:
+    """What `sync` shows while it runs: nothing (--quiet), a bar (--progress, or stderr is a
+    terminal), else one line per page (logs keep a readable record)."""
+    if args.quiet:
+        yield None
+    elif args.progress or sys.stderr.isatty():
+        with ProgressBar(sys.stderr) as bar:
+            yield bar
+    else:
+        yield lambda p: print(f"{PROG}: ... pulled {p.pulled}, pushed {p.pushed}", file=sys.stderr, flush=True)
+
+
+class ProgressBar:
+    """A tqdm bar fed with `SyncProgress` reports: changes (of the estimated total), MB moved,
+    rate and ETA — the estimate's own figures, not tqdm's (see sync.progress for their meaning).
+    On a terminal it redraws at most 10 times a second; elsewhere it writes every report."""
+
+    KNOWN = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} changes{postfix}"
+    UNKNOWN = "{desc}: {n_fmt} changes{postfix}"  # no total estimated yet: no bar, no percentage
+
+    def __init__(self, out: TextIO):
+        from tqdm import tqdm  # imported only when a bar is shown
+
+        self._format_interval = tqdm.format_interval
+        self._bar = tqdm(
+            total=None, file=out, desc=PROG, unit="changes", dynamic_ncols=True,
+            mininterval=0.1 if out.isatty() else 0, bar_format=self.UNKNOWN,
+        )
+
+    def __call__(self, progress: SyncProgress) -> None:
+        eta = "?" if progress.eta_seconds is None else self._format_interval(progress.eta_seconds)
+        self._bar.total = progress.total_changes
+        self._bar.bar_format = self.UNKNOWN if progress.total_changes is None else self.KNOWN
+        self._bar.n = progress.changes
+        self._bar.set_postfix_str(
+            f"{progress.bytes / 1e6:.1f} MB, {progress.rate:,.0f} changes/s, ETA {eta}", refresh=False
+        )
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    """The engine's diagnosis (engine.doctor) plus this replica's sync peers."""
+    return write_diagnosis(diagnose(args.db, sections=[_sync_facts]), PROG, sys.stdout, sys.stderr)
+
+
+def _sync_facts(db: Database) -> list[Fact]:
+    peers, origins = _known_peers(db), _stream_origins(db)
+    facts = [Fact("sync peers", str(len(peers)))] + [Fact("peer", _describe_peer(mark)) for mark in peers]
+    if origins:
+        facts += [Fact("NATS origins", str(len(origins)))] + [Fact("origin", _describe_origin(m)) for m in origins]
+    return facts
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     restore = _stop_on_signals(stop)
     try:
-        with _open_existing(args.db) as db, serve(db, args.host, args.port, token=args.token) as server:
-            clients = [connect(db, url, token=args.token) for url in args.peer]
+        tls = _server_tls(args)
+        peer_tls = [_client_tls(args, url, args.keys) for url in args.peer]
+        with _open_existing(args.db) as db, serve(db, args.host, args.port, token=args.token,
+                                                  require_keys=args.keys, ssl=tls) as server:
+            peer = server.peer
+            clients = [connect(db, url, token=args.token, peer=peer, ssl=context)
+                       for url, context in zip(args.peer, peer_tls)]
             try:
-                print(f"serving {args.db} (site {db.site_id}) on {server.url}; Ctrl-C stops", flush=True)
+                key = f", key {peer.identity.public_text}" if args.keys else ""
+                print(f"serving {args.db} (site {db.site_id}{key}) on {server.url}; Ctrl-C stops", flush=True)
                 while not stop.wait(3600):
                     pass
             finally:
@@ -307,23 +569,32 @@ def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
 
 
 def _cmd_nats(args: argparse.Namespace) -> int:
-    from .nats import check_name, replicate
+    from .nats import check_name, replicate  # needs nats-py only when used
 
     name = args.name or Path(args.db).stem
     try:
         check_name(name)
     except ValueError as error:
         raise CommandError(f"{error}; choose one with --name") from None
+    keys = args.keys or args.server_key is not None
+    if args.bootstrap is None:
+        if keys or args.cafile or args.no_verify:
+            raise CommandError("--keys, --server-key, --cafile and --no-verify apply to the --bootstrap peer; "
+                               "give --bootstrap ws://HOST:PORT or wss://HOST:PORT")
+        tls = None
+    else:
+        tls = _client_tls(args, args.bootstrap, keys)
     stop = threading.Event()
     restore = _stop_on_signals(stop)
     try:
         with _open_existing(args.db) as db, replicate(
-            db, args.server, name=name, bootstrap=args.bootstrap, token=args.token
+            db, args.server, name=name, bootstrap=args.bootstrap, token=args.token,
+            server_key=args.server_key, ssl=tls, require_keys=args.keys,
         ) as replica:
             print(f"replicating {args.db} (site {db.site_id}) on {', '.join(args.server)}, "
                   f"stream {replica.stream}; Ctrl-C stops", flush=True)
             while not stop.is_set():
-                if replica.wait_stopped(0.2):
+                if replica.wait_stopped(0.2) and replica.error is not None:
                     raise replica.error
         print(f"{PROG}: stopped", file=sys.stderr)
     finally:

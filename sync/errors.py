@@ -3,13 +3,24 @@
     SyncError                      root: anything sync refuses or cannot do
     ├── ProtocolError              malformed, truncated, oversized or unexpected message (code "protocol")
     │   ├── MessageTooLargeError   a message above the size limit (code "too_large")
-    │   └── InvalidChangeError     a change for an unknown table/column, a bad pk or site id (code "invalid_change")
-    ├── AuthError                  missing or wrong token (code "auth")
+    │   ├── InvalidChangeError     a change for an unknown table/column, a bad pk or site id (code "invalid_change")
+    │   └── MalformedChallengeError  a key handshake field of the wrong size or out of turn (code "bad_challenge")
+    ├── AuthError                  missing or wrong token, no key where one is required (code "auth")
+    │   ├── UnknownPeerError       the client's public key is not in the trust list (code "unknown_peer")
+    │   ├── UntrustedServerError   the server proved no key, or not the expected one (code "untrusted_server")
+    │   ├── BadSignatureError      a handshake signature does not verify (code "bad_signature")
+    │   ├── ReplayError            a handshake nonce seen before within its window (code "replay"; retryable)
+    │   ├── ExpiredChallengeError  the challenge was answered too late (code "expired_challenge"; retryable)
+    │   └── NotAuthorizedError     a trusted peer wrote beyond its grant: read-only or a table not
+    │                              on its list (code "not_authorized"; carries `table`, `peer_name`)
     ├── SchemaMismatchError        the peers' CRR schemas differ (code "schema_mismatch")
+    ├── DuplicateSiteError         two database files share one site id: a copy (code "duplicate_site")
     ├── ApplyError                 merging valid changes failed locally (code "apply_failed")
     ├── CorruptFileError           an export file is truncated, tampered or not ours (code "corrupt_file")
     ├── TransportError             could not connect, connection lost or closed mid-round (carries `url`)
-    ├── StreamGapError             a NATS stream no longer holds changes this replica lacks (sync.nats)
+    │   └── TLSError               TLS failed: ws:// against a TLS server or the reverse, a refused certificate
+    ├── StreamGapError             a NATS stream no longer holds changes this replica lacks (sync.nats;
+    │                              local only, never sent: code "stream_gap")
     └── PeerRefusedError           the remote sent an Error message: carries `code` and `message`
 
 A refusal received from the remote is raised as `PeerRefusedError` combined with the local
@@ -18,11 +29,14 @@ remote noticed it, and `except PeerRefusedError` catches every remote refusal:
 
     RefusedAuthError(PeerRefusedError, AuthError), RefusedSchemaMismatchError(...), ...
 
-`permanent` is true for errors a retry will not fix (AuthError, SchemaMismatchError and
-their refusals): a reconnecting client stops on them.
+`permanent` is true for errors a retry will not fix (AuthError and its subclasses except
+ReplayError and ExpiredChallengeError, SchemaMismatchError, DuplicateSiteError, TLSError,
+StreamGapError, and their refusals): a reconnecting client (or NATS replica) stops on them.
 
 Every error has a `code` (the wire code sent in an `Error` message) and its facts as
-attributes (table, column, fingerprints, site ids, ...).
+attributes (table, column, fingerprints, site ids, ...). Errors only this side can meet are
+never sent and have no refusal class: CorruptFileError, TransportError, TLSError and
+StreamGapError (a NATS replica sends no Error messages; it logs and stops).
 """
 
 from __future__ import annotations
@@ -32,11 +46,20 @@ __all__ = [
     "ProtocolError",
     "MessageTooLargeError",
     "InvalidChangeError",
+    "MalformedChallengeError",
     "AuthError",
+    "UnknownPeerError",
+    "UntrustedServerError",
+    "BadSignatureError",
+    "ReplayError",
+    "ExpiredChallengeError",
+    "NotAuthorizedError",
     "SchemaMismatchError",
+    "DuplicateSiteError",
     "ApplyError",
     "CorruptFileError",
     "TransportError",
+    "TLSError",
     "StreamGapError",
     "PeerRefusedError",
     "refusal",
@@ -80,9 +103,73 @@ class InvalidChangeError(ProtocolError):
         super().__init__(message)
 
 
+class MalformedChallengeError(ProtocolError):
+    """A key-handshake field of the wrong size, missing, or a handshake message out of turn."""
+
+    code = "bad_challenge"
+
+
 class AuthError(SyncError):
+    """The peer did not prove who it is (token or key); nothing was read or applied."""
+
     code = "auth"
     permanent = True
+
+
+class UnknownPeerError(AuthError):
+    """The client's public key is not in this replica's trust list (`crdt-sync trust`)."""
+
+    code = "unknown_peer"
+    public_key = ""
+
+    def __init__(self, message: str, *, public_key: str = ""):
+        self.public_key = public_key
+        super().__init__(message)
+
+
+class UntrustedServerError(AuthError):
+    """The server proved no key, or a key other than the one this client expects."""
+
+    code = "untrusted_server"
+    public_key = ""
+
+    def __init__(self, message: str, *, public_key: str = ""):
+        self.public_key = public_key
+        super().__init__(message)
+
+
+class BadSignatureError(AuthError):
+    """A handshake signature does not verify with the key the peer announced."""
+
+    code = "bad_signature"
+
+
+class ReplayError(AuthError):
+    """A handshake nonce this side saw before within its window: a recorded hello sent again.
+    A genuine peer's next attempt uses a fresh nonce, so a retry may succeed."""
+
+    code = "replay"
+    permanent = False
+
+
+class ExpiredChallengeError(AuthError):
+    """The answer to a challenge came after the challenge expired; a new connection gets a
+    new challenge."""
+
+    code = "expired_challenge"
+    permanent = False
+
+
+class NotAuthorizedError(AuthError):
+    """A trusted peer tried to write what its grant does not allow (it is read-only, or the
+    table is not on its list). The whole page is refused and nothing of it is applied."""
+
+    code = "not_authorized"
+    table = peer_name = ""
+
+    def __init__(self, message: str, *, table: str = "", peer_name: str = ""):
+        self.table, self.peer_name = table, peer_name
+        super().__init__(message)
 
 
 class SchemaMismatchError(SyncError):
@@ -102,6 +189,20 @@ class SchemaMismatchError(SyncError):
     ):
         self.local_fingerprint, self.remote_fingerprint = local_fingerprint, remote_fingerprint
         self.local_version, self.remote_version = local_version, remote_version
+        super().__init__(message)
+
+
+class DuplicateSiteError(SyncError):
+    """Two database files use one site id (a copied file, a restored backup): their writes
+    would share db_versions and peers would skip some of them. Nothing was exchanged. The fix:
+    give the copy a site id of its own with `crdt-sync clone SRC DST` (`Database.clone_to`)."""
+
+    code = "duplicate_site"
+    permanent = True
+    site_id = ""
+
+    def __init__(self, message: str, *, site_id: str = ""):
+        self.site_id = site_id
         super().__init__(message)
 
 
@@ -129,6 +230,14 @@ class TransportError(SyncError):
         super().__init__(message)
 
 
+class TLSError(TransportError):
+    """TLS could not be set up: a ws:// client against a wss:// server (or the reverse), or a
+    certificate the client refused. Retrying the same way will not help."""
+
+    code = "tls"
+    permanent = True
+
+
 class StreamGapError(SyncError):
     """A stream page of `origin` starts after what this replica holds of that origin: the pages
     in between left the stream (retention) before this replica read them. Nothing is applied;
@@ -136,6 +245,8 @@ class StreamGapError(SyncError):
 
     code = "stream_gap"
     permanent = True
+    origin = ""
+    since = held = 0
 
     def __init__(self, origin: str, since: int, held: int, hint: str = ""):
         self.origin, self.since, self.held = origin, since, held
@@ -175,6 +286,34 @@ class RefusedAuthError(PeerRefusedError, AuthError):
     pass
 
 
+class RefusedMalformedChallengeError(PeerRefusedError, MalformedChallengeError):
+    pass
+
+
+class RefusedUnknownPeerError(PeerRefusedError, UnknownPeerError):
+    pass
+
+
+class RefusedUntrustedServerError(PeerRefusedError, UntrustedServerError):
+    pass
+
+
+class RefusedBadSignatureError(PeerRefusedError, BadSignatureError):
+    pass
+
+
+class RefusedReplayError(PeerRefusedError, ReplayError):
+    pass
+
+
+class RefusedExpiredChallengeError(PeerRefusedError, ExpiredChallengeError):
+    pass
+
+
+class RefusedNotAuthorizedError(PeerRefusedError, NotAuthorizedError):
+    pass
+
+
 class RefusedSchemaMismatchError(PeerRefusedError, SchemaMismatchError):
     pass
 
@@ -183,13 +322,25 @@ class RefusedApplyError(PeerRefusedError, ApplyError):
     pass
 
 
+class RefusedDuplicateSiteError(PeerRefusedError, DuplicateSiteError):
+    pass
+
+
 _REFUSALS: dict[str, type[PeerRefusedError]] = {
     "protocol": RefusedProtocolError,
     "too_large": RefusedMessageTooLargeError,
     "invalid_change": RefusedInvalidChangeError,
+    "bad_challenge": RefusedMalformedChallengeError,
     "auth": RefusedAuthError,
+    "unknown_peer": RefusedUnknownPeerError,
+    "untrusted_server": RefusedUntrustedServerError,
+    "bad_signature": RefusedBadSignatureError,
+    "replay": RefusedReplayError,
+    "expired_challenge": RefusedExpiredChallengeError,
+    "not_authorized": RefusedNotAuthorizedError,
     "schema_mismatch": RefusedSchemaMismatchError,
     "apply_failed": RefusedApplyError,
+    "duplicate_site": RefusedDuplicateSiteError,
 }
 
 

@@ -5,14 +5,30 @@ Every message on the wire (and every frame of an export file) is one encoded `En
     [PROTOCOL_VERSION, [tag, field, field, ...]]        (MessagePack arrays: array_like structs)
 
 Messages:
-    Hello(site_id, schema_version, fingerprint, db_version, token, live, watermark)
+    Hello(site_id, schema_version, fingerprint, db_version, token, live, watermark,
+          incarnation, seen_incarnation, key, nonce, can)
         First message of each side: who it is, its schema, its current db_version (for
         progress). The client's Hello carries the token and whether it wants live mode; the
         server's Hello carries `watermark`: the *client's* db_version up to which the server
-        already holds the client's changes (where the client's push starts).
-    Pull(since)
+        already holds the client's changes (where the client's push starts). Both carry the
+        sender's `incarnation`; the server's also its record of the client: "I hold your
+        changes up to `watermark`, the last ones from your `seen_incarnation`". The client
+        refuses to go on if its file does not continue that history (a copy: see
+        engine.lineage and DuplicateSiteError). With key authentication the client's Hello
+        carries its Ed25519 public `key` and a fresh `nonce`, and the server's Hello (sent
+        only after the Proof) its grant `can` ("read" or "write"; "" when the client was
+        admitted by token or openly).
+    Challenge(site_id, key, nonce, issued_at, signature, bound)
+        The server's answer to a Hello with a key: its site, public key, fresh nonce, the time
+        of issue and its signature of the session transcript (sync.challenge); `bound`: the
+        transcript includes the TLS channel binding.
+    Proof(signature)
+        The client's signature of the same transcript. Only then does the server read its
+        database and reply with its Hello.
+    Pull(since, seen_incarnation)
         The client's answer to the server's Hello: send me your changes after your
-        db_version `since` (the watermark the client holds for the server).
+        db_version `since` (the watermark the client holds for the server), the last ones
+        I hold from your `seen_incarnation` (the server checks its history the same way).
     Changes(since, upto, rows, part, more_parts, caught_up)
         A page: all changes the receiver lacks with sender db_version in (since, upto], whole
         db_version groups only. A group too large for one page is sent as parts 0..n of one
@@ -55,6 +71,8 @@ __all__ = [
     "ChangeRow",
     "Change",
     "Hello",
+    "Challenge",
+    "Proof",
     "Pull",
     "Changes",
     "Ack",
@@ -88,11 +106,17 @@ def parse_site_id(text: str) -> str:
 _SiteBlob = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 _PkBlob = Annotated[bytes, msgspec.Meta(min_length=2)]
+_KeyBytes = Annotated[bytes, msgspec.Meta(max_length=128)]
+"""Keys, nonces, signatures: bounded here, their exact sizes checked by sync.challenge (which
+raises the typed MalformedChallengeError)."""
 
 ChangeRow = tuple[_Name, _PkBlob, _Name, Any, _U63, _U63, _SiteBlob, _U63, _U63]
 """One change as it travels: table, pk, cid, val, col_version, db_version, site_id, cl, seq.
 `val` is checked (None/int/float/str/bytes) by sync.changes, msgspec cannot type a union
 holding both str and bytes."""
+
+
+_Incarnation = Annotated[str, msgspec.Meta(max_length=64)]
 
 
 class Change(msgspec.Struct, array_like=True, frozen=True):
@@ -117,10 +141,29 @@ class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
     token: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
     live: bool = False
     watermark: _U63 | None = None
+    incarnation: _Incarnation = ""
+    seen_incarnation: _Incarnation = ""
+    key: _KeyBytes | None = None
+    nonce: _KeyBytes | None = None
+    can: Annotated[str, msgspec.Meta(max_length=16)] = ""
+
+
+class Challenge(msgspec.Struct, tag="challenge", array_like=True, frozen=True):
+    site_id: SiteHex
+    key: _KeyBytes
+    nonce: _KeyBytes
+    issued_at: _U63
+    signature: _KeyBytes
+    bound: bool = False
+
+
+class Proof(msgspec.Struct, tag="proof", array_like=True, frozen=True):
+    signature: _KeyBytes
 
 
 class Pull(msgspec.Struct, tag="pull", array_like=True, frozen=True):
     since: _U63
+    seen_incarnation: _Incarnation = ""
 
 
 class Changes(msgspec.Struct, tag="changes", array_like=True, frozen=True):
@@ -145,7 +188,7 @@ class Error(msgspec.Struct, tag="error", array_like=True, frozen=True):
     message: Annotated[str, msgspec.Meta(max_length=4096)]
 
 
-Message = Union[Hello, Pull, Changes, Ack, Error]
+Message = Union[Hello, Challenge, Proof, Pull, Changes, Ack, Error]
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True):

@@ -3,13 +3,16 @@
 A `Session` is one side of one connection. It reads and writes its own database (pages
 out, merges in) but never touches a socket: a transport feeds it the bytes it received
 and sends the bytes it returns. The in-process transport (sync.peer), the WebSocket
-transport (sync.websocket) and the tests' lossy channel all drive the same machine.
+transport (sync.websocket), its asyncio twin (sync.aio) and the tests' lossy channel all
+drive the same machine.
 
 Transport contract
 ------------------
 Create:   `session = peer.session(Role.CLIENT, token=..., live=False)` on the connecting side,
           `session = peer.session(Role.SERVER)` per accepted connection (the server's token
-          comes from `Peer(db, token=...)`).
+          and key requirement come from `Peer(db, token=..., require_keys=...)`). A client
+          that expects a server key passes `server_key=`; a TLS transport passes the
+          connection's `binding=` (sync.tls.channel_binding) on both sides.
 Start:    `out = session.start()` — the client gets `[hello]`, the server `[]`.
 Receive:  for every message received (one binary frame = one message):
               `out = session.receive(data)`
@@ -30,8 +33,10 @@ Outcome:  `session.result` (a `SyncResult`, updated live: pulled/pushed counts, 
 
 One round (what goes over the wire):
     client                                server
-    Hello(site, schema, token, live) ──▶
-                                     ◀──  Hello(site, schema, watermark for the client)   (or Error)
+    Hello(site, schema, token, live[, key, nonce]) ──▶
+                                     ◀──  Challenge(key, nonce, signature)   (key authentication only,
+    Proof(signature) ──▶                                                      see sync.handshake)
+                                     ◀──  Hello(site, schema, watermark for the client, grant)   (or Error)
     Pull(since = watermark for server) ─▶
                                      ◀──  Changes page 1 .. n (last has caught_up)         pull
     Ack(upto, part, watermark) per page ─▶
@@ -61,9 +66,12 @@ merged page says so instead when it can (`Ack.covered`: the merge only re-stampe
 peer's own changes), so a live write costs one page and one ack per link, not two of each.
 
 Watermarks: each side stores, per peer, the peer's db_version up to which it applied the
-peer's pages, in the same transaction as the merge. If a peer announces a db_version
-below that watermark (it was restored from an older copy), the watermark is reset to 0
-and the peer's changes are read again (idempotent).
+peer's pages and the peer's incarnation they came from, in the same transaction as the
+merge. Each side checks that its file continues the history the other side recorded
+(engine.lineage): a copied file or restored backup is refused with `DuplicateSiteError`
+before anything is read or applied. A peer of the recorded incarnation that announces a
+db_version below the watermark (its file lost commits) has its changes read again from 0
+(idempotent).
 
 Threading: a Session is not thread-safe. Call its methods from one thread (or under one
 lock per session). Many sessions may share one Peer and one Database.
@@ -71,7 +79,6 @@ lock per session). Many sessions may share one Peer and one Database.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Callable
 from enum import Enum
@@ -82,9 +89,23 @@ import msgspec
 
 from engine.errors import EngineError
 
-from .changes import Inbox, Limits, Outbox, forget_received, record_ack, received_watermark
-from .errors import ApplyError, AuthError, ProtocolError, SchemaMismatchError, SyncError, refusal
-from .protocol import Ack, Changes, Error, Hello, Message, Pull, decode, encode
+from .changes import Limits
+from .errors import (
+    ApplyError,
+    DuplicateSiteError,
+    MalformedChallengeError,
+    ProtocolError,
+    SchemaMismatchError,
+    SyncError,
+    refusal,
+)
+from .handshake import ClientHandshake, ServerHandshake
+from .identity import format_public_key
+from .inbox import Inbox
+from .outbox import Outbox
+from .watermarks import PeerRecord, peer_record, record_ack
+from .protocol import Ack, Challenge, Changes, Error, Hello, Message, Proof, Pull, decode, encode
+from .trust import Grant, authorize_write
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -120,13 +141,24 @@ class SyncResult(msgspec.Struct):
     bytes_sent: int = 0
     remote_site: str = ""
     remote_db_version: int = 0
+    # The db_version spans of the round, for progress estimates (sync.progress): we pull the
+    # remote's versions from pull_from up to remote_db_version, and push ours from push_from
+    # up to push_to (our db_version when the push began); *_upto is how far each has got.
+    pull_from: int = 0
+    pulled_upto: int = 0
+    push_from: int = 0
+    push_to: int = 0
+    pushed_upto: int = 0
+    remote_key: str = ""   # the peer's public key when it proved one (key authentication)
+    read_only: bool = False  # client: the server granted read only, so nothing was pushed
 
 
 class Session:
     """One side of one sync connection; see the module docstring for the transport contract."""
 
     def __init__(self, peer: "Peer", role: Role, *, token: str | None = None, live: bool = False,
-                 limits: Limits | None = None, progress: Callable[[SyncResult], None] | None = None):
+                 limits: Limits | None = None, progress: Callable[[SyncResult], None] | None = None,
+                 server_key: bytes | None = None, binding: bytes = b""):
         self.peer = peer
         self.db = peer.db
         self.role = Role(role)
@@ -146,13 +178,18 @@ class Session:
         self._send_done = False
         self._recv_done = False
         self._closed = False
+        self._pending_hello: Hello | None = None  # server: the client's hello, until its proof
+        if self.role is Role.SERVER:
+            self._admission = ServerHandshake(peer, binding=binding)
+        else:
+            self._verification = ClientHandshake(peer, server_key=server_key, binding=binding)
 
     # -- the transport's calls -------------------------------------------------------
 
     def start(self) -> list[bytes]:
         """The messages that open the connection: the client's Hello, nothing for the server."""
         if self.role is Role.CLIENT:
-            return [self._encode(self._hello(token=self.token, live=self.live))]
+            return [self._encode(self._hello(token=self.token, live=self.live, **self._verification.hello_fields()))]
         return []
 
     def receive(self, data: bytes) -> list[bytes]:
@@ -226,9 +263,7 @@ class Session:
             log.warning("sync session %s: refused by peer: %s", self._name(), self.error)
             return []
         if self.remote is None:
-            if not isinstance(message, Hello):
-                raise ProtocolError(f"expected hello first, got {type(message).__name__.lower()}")
-            return self._on_hello(message)
+            return self._opening(message)
         if isinstance(message, Changes):
             return self._on_changes(message)
         if isinstance(message, Ack):
@@ -237,38 +272,90 @@ class Session:
             return self._on_pull(message)
         raise ProtocolError(f"unexpected {type(message).__name__.lower()} message in state {self.state.value}")
 
-    def _on_hello(self, hello: Hello) -> list[bytes]:
+    def _opening(self, message: Message) -> list[bytes]:
+        """The messages before the round: hello, and with key authentication challenge/proof."""
         if self.role is Role.SERVER:
-            self._check_token(hello.token)  # before anything of this database is read
+            if self._pending_hello is None:
+                if not isinstance(message, Hello):
+                    raise ProtocolError(f"expected hello first, got {type(message).__name__.lower()}")
+                challenge = self._admission.on_hello(message)  # before anything of this database is read
+                if challenge is None:
+                    return self._on_hello(message)
+                self._pending_hello = message
+                return [self._encode(challenge)]
+            if not isinstance(message, Proof):
+                raise MalformedChallengeError(f"expected the proof of the client's key, got {type(message).__name__.lower()}")
+            self._admission.on_proof(message)
+            return self._on_hello(self._pending_hello)
+        if isinstance(message, Challenge):
+            return [self._encode(self._verification.on_challenge(message))]
+        if not isinstance(message, Hello):
+            raise ProtocolError(f"expected hello first, got {type(message).__name__.lower()}")
+        self._verification.on_server_hello(message)
+        return self._on_hello(message)
+
+    def _on_hello(self, hello: Hello) -> list[bytes]:
         self._check_compatible(hello)
         self.remote = hello
         self.result.remote_site = hello.site_id
         self.result.remote_db_version = hello.db_version
-        self._inbox = Inbox(self.db, hello.site_id, self.peer.schema, self.limits)
-        held = self._held_watermark(hello)
+        self._inbox = Inbox(self.db, hello.site_id, self.peer.schema, self.limits, hello.incarnation)
+        held = self._held_record(hello)
+        self.result.pull_from = self.result.pulled_upto = held.received
         if self.role is Role.SERVER:
             self.live = hello.live
             self.state = State.SYNCING
-            return [self._encode(self._hello(watermark=held, live=hello.live))]
+            grant = self._admission.grant
+            if self._admission.client_key is not None:
+                self.result.remote_key = format_public_key(self._admission.client_key)
+            if grant is not None and grant.can is Grant.READ:
+                self._recv_done = True  # a reader pushes nothing; its round ends with our stream
+            can = grant.can.value if grant is not None else ""
+            return [self._encode(self._hello(watermark=held.received, seen=held.incarnation, live=hello.live, can=can))]
+        if self._verification.verified:
+            self.result.remote_key = format_public_key(self._verification.peer_key)
+        self.result.read_only = hello.can == Grant.READ.value
         if hello.watermark is None:
             raise ProtocolError("the server's hello lacks the watermark it holds for this client")
+        self._check_continues(hello.seen_incarnation, hello.watermark)
         self._push_since = hello.watermark
+        self._push_span(hello.watermark)
         self.state = State.SYNCING
-        return [self._encode(Pull(held))]
+        return [self._encode(Pull(held.received, held.incarnation))]
 
-    def _held_watermark(self, hello: Hello) -> int:
-        """Our watermark for the peer; reset to 0 if it lies beyond the peer's db_version (the
-        peer was restored from an older copy: its new versions reuse numbers we passed)."""
-        held = received_watermark(self.db, hello.site_id)
-        if held > hello.db_version:
-            log.warning("sync session %s: peer is at db_version %d below our watermark %d for it "
-                        "(restored from a copy?); re-reading all its changes", self._name(),
-                        hello.db_version, held)
-            forget_received(self.db, hello.site_id)
-            held = 0
+    def _held_record(self, hello: Hello) -> PeerRecord:
+        """Our record of the peer. If our watermark lies beyond the peer's db_version while the
+        peer is the incarnation we recorded (its file lost commits, e.g. a deleted WAL), its
+        new versions reuse numbers we passed: offer 0 so that everything it has is read again
+        (merging is idempotent). A peer of another incarnation checks its lineage itself."""
+        held = peer_record(self.db, hello.site_id)
+        if held.received > hello.db_version and held.incarnation in ("", hello.incarnation):
+            log.warning("sync session %s: peer is at db_version %d below our watermark %d for it; "
+                        "re-reading all its changes", self._name(), hello.db_version, held.received)
+            return PeerRecord(0, held.incarnation)
         return held
 
+    def _check_continues(self, incarnation: str, version: int) -> None:
+        """The peer holds our changes up to `version`, the last from our `incarnation`: refuse
+        to go on unless this file continues that history (engine.lineage).
+
+        Raises:
+            DuplicateSiteError: this file is a copy that split from the one the peer knows.
+        """
+        if self.db.descends_from(incarnation, version):
+            return
+        raise DuplicateSiteError(
+            f"replica {self.db.path} has site id {self.db.site_id}, which another copy of this database "
+            f"file also uses: the peer holds this site's changes up to db_version {version} from "
+            f"incarnation {incarnation}, which this file does not continue (a copied file or a restored "
+            "backup). Nothing was exchanged. Give this copy a site id of its own with "
+            "`crdt-sync clone SRC DST` (Database.clone_to) and sync the clone",
+            site_id=self.db.site_id,
+        )
+
     def _on_pull(self, pull: Pull) -> list[bytes]:
+        self._check_continues(pull.seen_incarnation, pull.since)
+        self._push_span(pull.since)
         self._outbox = Outbox(self.db, self.remote.site_id, pull.since, self.limits, self._inbox.echo)
         self._may_send = True
         return self._pump()
@@ -276,8 +363,12 @@ class Session:
     def _on_changes(self, page: Changes) -> list[bytes]:
         if self.role is Role.CLIENT and self._outbox is None and self._recv_done:
             raise ProtocolError("changes after the server's stream ended")
+        if self.role is Role.SERVER and self._admission.grant is not None:
+            authorize_write(self._admission.grant, {row[0] for row in page.rows})  # before anything is applied
         outcome = self._inbox.apply(page)
         if outcome.fresh:
+            if not page.more_parts:
+                self.result.pulled_upto = max(self.result.pulled_upto, page.upto)
             self.result.pulled += len(page.rows)
             self.result.applied += outcome.impacted
             self.result.pages_received += 1
@@ -286,7 +377,9 @@ class Session:
         out = [self._encode(Ack(page.upto, page.part, outcome.watermark, outcome.impacted, covered))]
         if page.caught_up and not page.more_parts and not self._recv_done:
             self._recv_done = True
-            if self.role is Role.CLIENT:
+            if self.role is Role.CLIENT and self.result.read_only:
+                self._send_done = True  # the server would refuse our pages: nothing to push
+            elif self.role is Role.CLIENT:
                 self._outbox = Outbox(self.db, self.remote.site_id, self._push_since, self.limits, self._inbox.echo)
                 self._may_send = True
                 out += self._pump()
@@ -304,11 +397,13 @@ class Session:
                 f"ack of page upto={page.upto} reports watermark {ack.watermark}: the page was not applied"
             )
         self._in_flight = None
+        if not page.more_parts:
+            self.result.pushed_upto = max(self.result.pushed_upto, page.upto)
         self.result.pushed += len(page.rows)
         self._report()
         self._outbox.acknowledged(ack.watermark)
         if not page.more_parts:
-            record_ack(self.db, self.remote.site_id, ack.watermark, ack.covered)
+            record_ack(self.db, self.remote.site_id, ack.watermark, ack.covered, self.remote.incarnation)
         if page.caught_up and not page.more_parts:
             self._send_done = True
         out = self._pump() if self._sending_allowed() else []
@@ -351,41 +446,47 @@ class Session:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _hello(self, *, token: str | None = None, live: bool = False, watermark: int | None = None) -> Hello:
+    def _hello(self, *, token: str | None = None, live: bool = False, watermark: int | None = None,
+               seen: str = "", key: bytes | None = None, nonce: bytes | None = None, can: str = "") -> Hello:
         return Hello(
             site_id=self.db.site_id,
-            schema_version=self.db.schema_version,
+            schema_version=self.peer.schema_version,
             fingerprint=self.peer.fingerprint,
             db_version=self.db.db_version,
             token=token,
             live=live,
             watermark=watermark,
+            incarnation=self.db.incarnation,
+            seen_incarnation=seen,
+            key=key,
+            nonce=nonce,
+            can=can,
         )
-
-    def _check_token(self, token: str | None) -> None:
-        expected = self.peer.token
-        if expected is None:
-            return
-        if token is None:
-            raise AuthError("this peer requires a token and none was presented")
-        if not hmac.compare_digest(token.encode(), expected.encode()):
-            raise AuthError("the presented token is wrong")
 
     def _check_compatible(self, hello: Hello) -> None:
         if hello.site_id == self.db.site_id:
-            raise ProtocolError(
-                f"the peer has this replica's own site id {hello.site_id} (a copied database file?)"
+            raise DuplicateSiteError(
+                f"the peer has this replica's own site id {hello.site_id}: one of the two database "
+                "files is a copy of the other. Give the copy a site id of its own with "
+                "`crdt-sync clone SRC DST` (Database.clone_to)",
+                site_id=hello.site_id,
             )
         if hello.fingerprint != self.peer.fingerprint:
             raise SchemaMismatchError(
-                f"schema mismatch: replica {self.db.site_id} has schema version {self.db.schema_version} "
+                f"schema mismatch: replica {self.db.site_id} has schema version {self.peer.schema_version} "
                 f"(fingerprint {self.peer.fingerprint}), replica {hello.site_id} has schema version "
                 f"{hello.schema_version} (fingerprint {hello.fingerprint}); migrate both to the same version",
                 local_fingerprint=self.peer.fingerprint,
                 remote_fingerprint=hello.fingerprint,
-                local_version=self.db.schema_version,
+                local_version=self.peer.schema_version,
                 remote_version=hello.schema_version,
             )
+
+    def _push_span(self, since: int) -> None:
+        """Record the versions this round pushes: from the remote's watermark for us to our
+        current db_version (commits made meanwhile go too, past the estimate)."""
+        self.result.push_from = self.result.pushed_upto = since
+        self.result.push_to = max(since, self.db.db_version)
 
     def _update_state(self) -> None:
         if self.state is State.SYNCING and self.caught_up:

@@ -58,3 +58,15 @@ def test_quick_run_of_b9_compares_nats_with_the_hub(tmp_path):
     assert set(rows) == {"B9-rate", "B9-p50", "B9-p99"}
     for row in rows.values():
         assert row["ours"] > 0 and row["baseline"] > 0 and row["ratio"] == row["ours"] / row["baseline"]
+
+
+def test_quick_run_of_b10_measures_each_authentication_mode(tmp_path):
+    out = tmp_path / "results.json"
+    completed = subprocess.run(
+        [sys.executable, "bench/run.py", "B10", "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    rows = {row["id"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"B10-keys", "B10-tls"}
+    for row in rows.values():
+        assert row["unit"] == "ms" and row["ours"] > 0 and row["baseline"] > 0 and not row["notes"].startswith("failed")

@@ -8,6 +8,7 @@ machine without it. Waits poll conditions read from the replicas' own bookkeepin
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import signal
@@ -19,6 +20,8 @@ import time
 import traceback
 from pathlib import Path
 
+import shutil
+
 import msgspec
 import nats
 import nats.js.errors
@@ -26,22 +29,30 @@ import pytest
 
 import sync
 from engine import Database
-from sync.changes import Limits, Outbox, ensure_tables
-from sync.cli import main
+from sync.changes import CrrSchema, Limits
+from sync.cli import main, write_status
 from sync.errors import (
+    DuplicateSiteError,
     InvalidChangeError,
     MessageTooLargeError,
     ProtocolError,
     SchemaMismatchError,
     StreamGapError,
     TransportError,
+    UntrustedServerError,
 )
+from sync.identity import Identity, load_identity
 from sync.nats import NatsOptions, bucket_name, consumer_name, replicate, stream_name, subject_for
 from sync.nats.bootstrap import Checkpoint
 from sync.nats.positions import origin_watermark, read_positions
+from sync.nats.receiving import Step, StreamInbox
+from sync.outbox import Outbox
 from sync.protocol import Changes, encode
 from sync.testing import assert_converged
 from sync.testing.nats_server import LocalNatsServer, find_nats_server, free_port
+from sync.tls import client_context, server_context, write_self_signed
+from sync.trust import trust_peer
+from sync.watermarks import ensure_tables, peer_record, stream_key
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "app"
@@ -295,9 +306,9 @@ def test_own_changes_outbox_passes_over_merged_versions_only(open_db):
 # -- fleets --------------------------------------------------------------------------------
 
 
-def test_what_an_after_apply_hook_writes_during_a_merge_is_published(server, open_db, start):
-    """A hook's writes share the merge's versions (the engine's audit writes repairs so): the
-    publisher must not pass over those versions."""
+def test_what_a_merge_listener_writes_during_a_merge_is_published(server, open_db, start):
+    """A merge listener's writes share the merge's versions (the engine's audit writes repairs
+    so): the publisher must not pass over those versions."""
     a, b = open_db("a"), open_db("b")
 
     def answer(tx, merged):
@@ -305,7 +316,7 @@ def test_what_an_after_apply_hook_writes_during_a_merge_is_published(server, ope
             if table == "topics" and key[0].startswith("ask-"):
                 tx.execute("INSERT OR IGNORE INTO topics (id, name) VALUES (?, 'answer')", ("answer-" + key[0],))
 
-    sync.add_after_apply(b, answer)
+    b.on_merge(answer)
     start(a, server)
     start(b, server)
     add_topics(a, "ask", 3)
@@ -531,12 +542,12 @@ def test_late_joiner_catches_up_from_the_stream(server, open_db, start):
     assert joined.counts["bootstraps"] == 0
 
 
-def test_bootstrap_from_a_websocket_peer_after_retention(server, open_db, start):
-    a, b = open_db("a"), open_db("b")
-    start(a, server)
-    start(b, server)
-    add_topics(a, "early-a", 4)
-    add_topics(b, "early-b", 4)
+def purge_after_checkpoint(server, a: Database, b: Database) -> None:
+    """a and b replicate and converge; once b's checkpoint covers a, the stream is purged (as
+    retention would drop it) and a writes more: a newcomer finds a gap in a's pages."""
+    start_writes = [(a, "early-a"), (b, "early-b")]
+    for db, prefix in start_writes:
+        add_topics(db, prefix, 4)
     wait_converged([a, b])
 
     def checkpoint_of(site: str) -> Checkpoint | None:
@@ -559,6 +570,13 @@ def test_bootstrap_from_a_websocket_peer_after_retention(server, open_db, start)
 
     in_nats(server.url, purge)  # retention dropped everything so far
     add_topics(a, "later-a", 2)
+
+
+def test_bootstrap_from_a_websocket_peer_after_retention(server, open_db, start):
+    a, b = open_db("a"), open_db("b")
+    start(a, server)
+    start(b, server)
+    purge_after_checkpoint(server, a, b)
     with sync.serve(b, "127.0.0.1", 0) as peer_server:
         newcomer = start(open_db("new"), server, bootstrap=peer_server.url)
         wait_converged([a, b, newcomer.db])
@@ -579,6 +597,93 @@ def test_bootstrap_from_a_websocket_peer_after_retention(server, open_db, start)
     assert topic_ids(stranded.db) == set()
     with pytest.raises(StreamGapError):
         stranded.wait_connected(1)
+
+
+def test_bootstrap_over_wss_with_keys(server, open_db, start, tmp_path):
+    """The bootstrap round meets its peer as `Peer.sync_with` does: TLS with a pinned
+    certificate, the peer's key, ours trusted there; a peer proving another key is refused."""
+    a, b = open_db("a"), open_db("b")
+    start(a, server)
+    start(b, server)
+    purge_after_checkpoint(server, a, b)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    write_self_signed(cert, key)
+    newcomer, impostor_victim = open_db("new"), open_db("victim")
+    for db in (newcomer, impostor_victim):
+        trust_peer(b, load_identity(db).public_text, name=db.path, can="read")
+    with sync.serve(b, "127.0.0.1", 0, require_keys=True, ssl=server_context(cert, key)) as peer_server:
+        assert peer_server.url.startswith("wss://")
+        joined = start(newcomer, server, bootstrap=peer_server.url, server_key=load_identity(b).public_text,
+                       ssl=client_context(cafile=cert))
+        wait_converged([a, b, newcomer])
+        assert joined.counts["bootstraps"] == 1 and joined.error is None
+        refused = start(impostor_victim, server, bootstrap=peer_server.url, ssl=client_context(cafile=cert),
+                        server_key=Identity.generate().public_text)  # expects a key b does not hold
+        assert refused.wait_stopped(20)
+        assert isinstance(refused.error, UntrustedServerError) and topic_ids(impostor_victim) == set()
+    with pytest.raises(ValueError, match="bootstrap"):
+        replicate(open_db("x"), server.url, name=NAME, server_key=load_identity(b).public_text)
+    with pytest.raises(ValueError, match="wss://"):
+        replicate(open_db("y"), server.url, name=NAME, bootstrap="ws://127.0.0.1:1", ssl=client_context())
+
+
+def copy_after_publishing(server, open_db, start, tmp_path) -> tuple[Database, Database, int]:
+    """a publishes two topics and closes; its file is copied; (a reopened, the copy, the
+    db_version where they split)."""
+    a = open_db("a")
+    first = start(a, server)
+    add_topics(a, "base", 2)
+    wait_until(lambda: published(a) >= last_own_version(a), what="a's base to be published")
+    first.close()
+    a.close()
+    shutil.copy(tmp_path / "a.db", tmp_path / "copy.db")
+    a, copy = open_db("a"), open_db("copy")
+    assert copy.site_id == a.site_id and copy.incarnation != a.incarnation
+    return a, copy, a.db_version
+
+
+def test_a_page_on_its_own_subject_from_a_file_it_does_not_continue_is_refused(server, open_db, start, tmp_path):
+    a, copy, split = copy_after_publishing(server, open_db, start, tmp_path)
+    schema = CrrSchema.load(a)
+
+    def own_page(db: Database, upto: int, incarnation: str):
+        inbox = StreamInbox(db, STREAM, schema, Limits(), resume=1)
+        return inbox.apply_all([Step(1, a.site_id, Changes(since=0, upto=upto, rows=[]), incarnation)])
+
+    assert own_page(copy, split, a.incarnation).handled == 1  # the original's pages before the split
+    assert own_page(a, split + 1, a.incarnation).handled == 1  # its own
+    with pytest.raises(DuplicateSiteError, match="crdt-sync clone"):
+        own_page(copy, split + 1, a.incarnation)  # the original wrote on after the copy split off
+    with pytest.raises(DuplicateSiteError, match="crdt-sync clone"):
+        own_page(a, split + 1, copy.incarnation)  # the copy's: not in the original's lineage
+
+
+def test_two_files_with_one_site_id_on_a_stream_both_stop(server, open_db, start, tmp_path):
+    """Each file reads the other's page on its own subject (or finds its consumer, named after
+    the site id, taken over by the other) and stops, telling to clone the copy."""
+    a, copy, _ = copy_after_publishing(server, open_db, start, tmp_path)
+    add_topics(a, "after-a", 2)
+    add_topics(copy, "after-copy", 2)
+    patient = msgspec.structs.replace(FAST, idle_check=1.0)  # time to publish before a takeover is noticed
+    original, copied = start(a, server, options=patient), start(copy, server, options=patient)
+    assert original.wait_stopped(20) and copied.wait_stopped(20)
+    errors = [original.error, copied.error]
+    assert all(isinstance(e, DuplicateSiteError) and "crdt-sync clone" in str(e) for e in errors), errors
+    assert any("which this file does not continue" in str(e) for e in errors), errors  # one read the other's page
+
+
+def test_origins_are_recorded_with_their_incarnation_and_listed_apart_from_peers(server, open_db, start):
+    a, b = open_db("a"), open_db("b")
+    start(a, server)
+    start(b, server)
+    add_topics(a, "a", 2)
+    wait_converged([a, b])
+    assert peer_record(b, stream_key(a.site_id)).incarnation == a.incarnation
+    out = io.StringIO()
+    write_status(b, out)
+    status = out.getvalue()
+    assert "known peers:    0" in status and "NATS origins:   1 (positions on a stream, not peers" in status
+    assert f"  {a.site_id}  its own changes merged from the stream through its db_version {published(a)}" in status
 
 
 # -- refusals ------------------------------------------------------------------------------
@@ -677,6 +782,21 @@ def test_cli_replicates_until_interrupted(server, tmp_path, open_db, start):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--keys"], "apply to the --bootstrap peer"),
+    (["--cafile", "c.pem"], "apply to the --bootstrap peer"),
+    (["--bootstrap", "ws://127.0.0.1:1", "--cafile", "c.pem"], "apply to wss:// URLs"),
+    (["--bootstrap", "wss://127.0.0.1:1", "--no-verify"], "--no-verify needs key authentication"),
+])
+def test_cli_bootstrap_options_are_checked_before_connecting(capsys, tmp_path, extra, message):
+    path = tmp_path / "app.db"
+    with Database.open(path):
+        pass
+    code = main(["nats", str(path), "--server", "nats://127.0.0.1:1", *extra])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("crdt-sync: error: ") and message in err, err
 
 
 def test_cli_refuses_a_name_that_cannot_name_a_stream(capsys, tmp_path):

@@ -30,10 +30,16 @@ Guarantees:
   WebSocket peer (sync.nats.bootstrap explains why that is safe) or stops with
   `StreamGapError`.
 
+- Copied files are noticed, not silently merged: every message names the publishing file's
+  incarnation (engine.lineage), and a replica that reads, on its own subject, a page from an
+  incarnation it does not continue, or finds its consumer (named after its site id) taken
+  over by another process, stops with `DuplicateSiteError` (sync.nats.receiving, .consuming).
+
 Not covered: changes that reach a replica only over WebSocket from a replica that is not on the
 stream are merged there but not published (only origins publish); put every writer on the
-stream. A replica restored from an older copy of its file reuses db_versions its peers passed:
-give the copy a new site id.
+stream. Copy detection needs both files on the stream with the other's page still in it;
+until one stops, other replicas may already have merged one file's page and skipped the
+other's for the same versions (see the README, "Many replicas: NATS JetStream").
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ back after the pages it lacks were dropped, finds a gap: the first page it can r
 origin starts after what it holds of that origin (`StreamGapError`). It closes the gap by a
 bootstrap from any peer P that serves the WebSocket protocol (`crdt-sync serve`, `sync.serve`):
 
-1. One sync round with P (`Peer(db).sync_with(url)`). Afterwards we hold everything P held at
+1. One sync round with P (`Peer(db).sync_with(url)`, with the token, keys and TLS context of
+   the `BootstrapSource`). Afterwards we hold everything P held at
    its db_version `v` (our WebSocket watermark for P): merges are idempotent and cr-sqlite
    state only grows, so "holding P's state at v" includes P's state at any earlier version.
 2. P's checkpoint from the bucket: at its db_version `c`, P held each origin O's own changes up
@@ -28,21 +29,46 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import nats.js.errors
 
 from engine.database import Database
 
-from ..changes import received_watermark
+from ..identity import public_key_bytes
 from ..peer import Peer
+from ..watermarks import PeerRecord, peer_record
 from .positions import adopt_marks, origin_marks
 
-__all__ = ["Checkpoint", "Checkpoints", "read_checkpoint", "bootstrap"]
+if TYPE_CHECKING:
+    from ssl import SSLContext
+
+__all__ = ["BootstrapSource", "Checkpoint", "Checkpoints", "read_checkpoint", "bootstrap"]
 
 log = logging.getLogger("sync.nats")
 RunDb = Callable[..., Awaitable[Any]]
+
+
+class BootstrapSource:
+    """Where to close a gap: a WebSocket peer (`ws://` or `wss://host:port`) and how to meet it,
+    as `Peer.sync_with` takes it: its token, the key it must prove (`server_key`), the TLS
+    context (`ssl`), and whether it must prove a key of our trust list (`require_keys`).
+    Checked here, so that a mistake shows when the replica starts, not at its first gap."""
+
+    def __init__(self, url: str, token: str | None = None, attempts: int = 3, *,
+                 server_key: str | bytes | None = None, ssl: "SSLContext | None" = None,
+                 require_keys: bool = False):
+        """Raises:
+            ValueError: `url` is not ws:// or wss://, `ssl` for a ws:// URL, `server_key` is
+                not a public key."""
+        if not url.startswith(("ws://", "wss://")):
+            raise ValueError(f"bootstrap peer {url!r} is not a ws:// or wss:// URL")
+        if ssl is not None and not url.startswith("wss://"):
+            raise ValueError(f"ssl= applies to a wss:// bootstrap peer, not {url}")
+        public_key_bytes(server_key)
+        self.url, self.token, self.attempts = url, token, attempts
+        self.server_key, self.ssl, self.require_keys = server_key, ssl, require_keys
 
 
 class Checkpoint(msgspec.Struct, frozen=True):
@@ -90,34 +116,36 @@ class Checkpoints:
         return checkpoint if checkpoint.site_id == site_id else None
 
 
-async def bootstrap(db: Database, url: str, token: str | None, checkpoints: Checkpoints, run_db: RunDb) -> dict[str, int]:
-    """Pull from the peer at `url`, then raise our stream watermarks to what the pull provably
-    brought (see the module docstring). Returns the watermarks adopted, by origin.
+async def bootstrap(db: Database, source: BootstrapSource, checkpoints: Checkpoints, run_db: RunDb) -> dict[str, int]:
+    """Pull from the peer `source` names, then raise our stream watermarks to what the pull
+    provably brought (see the module docstring). Returns the watermarks adopted, by origin.
 
     Raises:
-        SyncError: the round failed (`TransportError`, a refusal such as `AuthError` or
-            `SchemaMismatchError`); what it applied stays applied, no watermark moved.
+        SyncError: the round failed (`TransportError`, `TLSError`, a refusal such as
+            `AuthError`, `UntrustedServerError`, `SchemaMismatchError` or `DuplicateSiteError`);
+            what it applied stays applied, no watermark moved.
     """
-    peer, held = await _round(db, url, token, run_db)
+    peer, held = await _round(db, source, run_db)
     checkpoint = await checkpoints.get(peer)
-    if checkpoint is not None and checkpoint.db_version > held:
-        peer, held = await _round(db, url, token, run_db)  # written before this round started
+    if checkpoint is not None and checkpoint.db_version > held.received:
+        peer, held = await _round(db, source, run_db)  # written before this round started
     marks: dict[str, int] = {}
-    if checkpoint is not None and checkpoint.db_version <= held:
+    if checkpoint is not None and checkpoint.db_version <= held.received:
         marks.update(checkpoint.origins)
-    marks[peer] = max(marks.get(peer, 0), held)
+    marks[peer] = max(marks.get(peer, 0), held.received)
     marks.pop(db.site_id, None)
-    await run_db(adopt_marks, db, marks)
+    await run_db(adopt_marks, db, marks, {peer: held.incarnation})
     log.info("bootstrap of %s from %s (site %s at its db_version %d): adopted %d origin watermarks",
-             db.path, url, peer, held, len(marks))
+             db.path, source.url, peer, held.received, len(marks))
     return marks
 
 
-async def _round(db: Database, url: str, token: str | None, run_db: RunDb) -> tuple[str, int]:
-    """One sync round with `url`; (the peer's site id, our watermark for it afterwards)."""
+async def _round(db: Database, source: BootstrapSource, run_db: RunDb) -> tuple[str, PeerRecord]:
+    """One sync round with the source; (the peer's site id, our record of it afterwards)."""
 
-    def sync_once() -> tuple[str, int]:
-        result = Peer(db).sync_with(url, token=token)
-        return result.remote_site, received_watermark(db, result.remote_site)
+    def sync_once() -> tuple[str, PeerRecord]:
+        result = Peer(db, require_keys=source.require_keys).sync_with(
+            source.url, token=source.token, server_key=source.server_key, ssl=source.ssl)
+        return result.remote_site, peer_record(db, result.remote_site)
 
     return await run_db(sync_once)

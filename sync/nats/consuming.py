@@ -15,7 +15,10 @@ A message that cannot be merged is refused: one line in the log, the typed error
 `refusals`, the message terminated (never redelivered) and nothing applied. A refused page of a
 real origin leaves that origin's next page with a gap, which stops the replica rather than
 skipping data. A page of another schema stops the replica at once (`SchemaMismatchError`):
-migrate it and restart; it resumes where it stopped.
+migrate it and restart; it resumes where it stopped. So does a page on this replica's own
+subject published by a file it does not continue (`DuplicateSiteError`, sync.nats.receiving),
+and so does finding its consumer (named after its site id) pinned by another process: a copy
+of the file, or a second replica on the same file.
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ from nats.js import JetStreamContext
 
 from engine.database import Database
 
-from ..changes import ApplyOutcome
-from ..errors import ProtocolError, SchemaMismatchError, StreamGapError, SyncError, TransportError
+from ..errors import DuplicateSiteError, ProtocolError, SchemaMismatchError, StreamGapError, SyncError, TransportError
+from ..inbox import ApplyOutcome
 from ..protocol import Changes, decode
-from .bootstrap import Checkpoints, bootstrap
+from .bootstrap import BootstrapSource, Checkpoints, bootstrap
 from .layout import (
+    INCARNATION_HEADER,
     SCHEMA_HEADER,
     NatsOptions,
     TRANSIENT_ERRORS,
@@ -50,19 +54,12 @@ from .layout import (
 )
 from .receiving import Step, StreamInbox
 
-__all__ = ["Consumer", "BootstrapSource"]
+__all__ = ["Consumer"]
 
 log = logging.getLogger("sync.nats")
 RunDb = Callable[..., Awaitable[Any]]
 _BATCH_MESSAGES = 64  # deliveries merged in one transaction at most
 _BATCH_BYTES = 8 * 1024 * 1024
-
-
-class BootstrapSource:
-    """Where to close a gap: a WebSocket peer (`ws://host:port`) and its token."""
-
-    def __init__(self, url: str, token: str | None = None, attempts: int = 3):
-        self.url, self.token, self.attempts = url, token, attempts
 
 
 class Consumer:
@@ -87,6 +84,7 @@ class Consumer:
         self.counts = counts  # the replica's: repins, bootstraps, refused
         self._repin = True
         self._sub: Any = None
+        self._deliver_subject = ""  # where the consumer delivers to us (set when pinned)
         self._deliveries: asyncio.Queue[Msg] = asyncio.Queue()  # filled by the current subscription
         self._expected = 1  # the next consumer (delivery) sequence
         self._gap_attempts: dict[tuple[str, int], int] = {}
@@ -102,7 +100,9 @@ class Consumer:
         Raises:
             SchemaMismatchError: a page of another schema (this replica must migrate).
             StreamGapError: pages this replica lacks left the stream and no bootstrap closed the gap.
-            ApplyError: a merge failed here (an after-apply hook raised).
+            DuplicateSiteError: another file with this replica's site id publishes on its subject,
+                or another process of this site took over its consumer.
+            ApplyError: a merge failed here (a merge listener, `db.on_merge`, raised).
         """
         getter: asyncio.Future[Msg] | None = None
         try:
@@ -138,13 +138,19 @@ class Consumer:
 
     async def _check_delivering(self) -> None:
         """Idle for a while: re-pin if the consumer is gone or holds messages it does not
-        deliver (removed by an operator, a subscription dropped as a slow consumer, ...)."""
+        deliver (removed by an operator, a subscription dropped as a slow consumer, ...).
+
+        Raises:
+            DuplicateSiteError: another process pinned this site's consumer to itself.
+        """
         try:
             info = await self.js.consumer_info(stream_name(self.name), consumer_name(self.db.site_id))
         except nats.js.errors.NotFoundError:
             info = None
         except TRANSIENT_ERRORS:
             return
+        if info is not None and info.config.deliver_subject != self._deliver_subject:
+            raise self._taken_over()
         if info is None or (info.num_pending and not info.num_ack_pending):
             log.info("consumer of %s is %s; re-pinning", self.db.site_id,
                      "gone" if info is None else f"not delivering {info.num_pending} pending messages")
@@ -168,14 +174,24 @@ class Consumer:
             deliveries.put_nowait(msg)
 
         self._deliveries = deliveries
+        self._deliver_subject = self.nc.new_inbox()
         self._sub = await pin_consumer(self.js, self.name, self.db.site_id, start,
-                                       deliver_subject=self.nc.new_inbox(), ack_wait=self.options.ack_wait,
+                                       deliver_subject=self._deliver_subject, ack_wait=self.options.ack_wait,
                                        max_ack_pending=self.options.max_ack_pending, deliver=deliver)
         self._expected = 1
         self._repin = False
         self.counts["repins"] += 1
         self.pinned.set()
         log.debug("consumer of %s pinned at stream sequence %d", self.db.site_id, start)
+
+    def _taken_over(self) -> DuplicateSiteError:
+        """The consumer is named after the site id, and only a replica of this site pins it."""
+        return DuplicateSiteError(
+            f"another process replicating site {self.db.site_id} took over its consumer "
+            f"{consumer_name(self.db.site_id)} on stream {stream_name(self.name)}: a second replica on "
+            f"{self.db.path}, or a copy of the file (a copy needs a site id of its own: `crdt-sync clone SRC DST`)",
+            site_id=self.db.site_id,
+        )
 
     async def _unsubscribe(self) -> None:
         sub, self._sub = self._sub, None
@@ -254,13 +270,16 @@ class Consumer:
         if self.inbox.seen(seq):
             return Step(seq)
         origin = origin_of(self.name, msg.subject)
-        if origin == self.db.site_id:
-            return Step(seq)
-        self._check_schema(origin, msg.headers or {})
+        headers = msg.headers or {}
+        incarnation = headers.get(INCARNATION_HEADER, "")
+        if origin == self.db.site_id and incarnation in ("", self.db.incarnation):
+            return Step(seq)  # our own page (only another file's needs a look: receiving._check_own)
+        if origin != self.db.site_id:
+            self._check_schema(origin, headers)
         page = decode(msg.data, max_bytes=self.inbox.limits.max_message_bytes)
         if not isinstance(page, Changes):
             raise ProtocolError(f"expected a changes page on {msg.subject}, got {type(page).__name__.lower()}")
-        return Step(seq, origin, page)
+        return Step(seq, origin, page, incarnation)
 
     def _check_schema(self, origin: str, headers: dict[str, str]) -> None:
         value = headers.get(SCHEMA_HEADER)
@@ -309,7 +328,7 @@ class Consumer:
         if tried:  # the peer's checkpoint may lag its merges by a checkpoint interval
             await asyncio.sleep(min(2.0, 0.25 * 2 ** tried))
         log.warning("%s; bootstrapping from %s", gap, self.source.url)
-        await bootstrap(self.db, self.source.url, self.source.token, self.checkpoints, self.run_db)
+        await bootstrap(self.db, self.source, self.checkpoints, self.run_db)
         self.counts["bootstraps"] += 1
         await self.run_db(self.inbox.restart_at, 1)
         self._repin = True

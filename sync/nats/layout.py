@@ -13,9 +13,11 @@ retention, replicas or placement) is used as it is, provided it covers `crdt.<na
 
 `NatsOptions` holds the knobs of the connection, the consumer and the checkpoints.
 
-Every published message carries two headers: `Nats-Msg-Id` (the server drops a republished id
-inside the stream's duplicate window) and `Crdt-Schema` (`<version>:<fingerprint>` of the
-publisher's CRR schema; a receiver with another schema refuses the page).
+Every published message carries three headers: `Nats-Msg-Id` (the server drops a republished id
+inside the stream's duplicate window), `Crdt-Schema` (`<version>:<fingerprint>` of the
+publisher's CRR schema; a receiver with another schema refuses the page) and
+`Crdt-Incarnation` (the publishing file's incarnation, engine.lineage; recorded with the
+origin's watermark, and how a replica notices another file publishing under its site id).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
     "NatsOptions",
     "SCHEMA_HEADER",
     "MSG_ID_HEADER",
+    "INCARNATION_HEADER",
     "check_name",
     "stream_name",
     "subject_for",
@@ -58,6 +61,7 @@ _T = TypeVar("_T")
 
 SCHEMA_HEADER = "Crdt-Schema"
 MSG_ID_HEADER = "Nats-Msg-Id"
+INCARNATION_HEADER = "Crdt-Incarnation"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SITE = re.compile(r"^[0-9a-f]{32}$")
 

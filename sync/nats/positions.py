@@ -6,8 +6,9 @@
                    merged here or needed nothing (stored after those merges: it may lag, never lead)
 
 What we hold of each *origin* is an Inbox watermark in `__sync_peers` under the key
-`nats:<site id>` (sync.changes): the origin's db_version up to which its own changes are merged
-here. It is kept apart from the WebSocket watermark of the same site (key `<site id>`) because
+`nats:<site id>` (`sync.watermarks.stream_key`): the origin's db_version up to which its own
+changes are merged here, and the origin's incarnation whose page moved it (from the page's
+`Crdt-Incarnation` header; empty when adopted from a checkpoint). It is kept apart from the WebSocket watermark of the same site (key `<site id>`) because
 the two claims differ: a WebSocket watermark covers everything that peer held (relayed changes
 too), a stream watermark only the origin's own changes. The stronger claim implies the weaker,
 never the reverse, so WebSocket watermarks are promoted into stream watermarks (`promote_peers`)
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from engine.database import Database, Session as Tx
 
-from ..changes import received_watermark, store_received, watermarks
+from ..watermarks import received_watermark, store_received, stream_key, stream_origin, watermarks
 
 __all__ = [
     "ensure_table",
@@ -31,8 +32,6 @@ __all__ = [
     "adopt_marks",
     "promote_peers",
 ]
-
-_ORIGIN_PREFIX = "nats:"
 
 _TABLE = """CREATE TABLE IF NOT EXISTS __sync_nats_positions (
     stream     TEXT    NOT NULL PRIMARY KEY,
@@ -75,7 +74,7 @@ def store_resume(tx: Tx, stream: str, seq: int) -> None:
 
 def origin_key(site_id: str) -> str:
     """The `__sync_peers` key of what we hold of `site_id`'s own changes from a stream."""
-    return _ORIGIN_PREFIX + site_id
+    return stream_key(site_id)
 
 
 def origin_watermark(db: Database, site_id: str) -> int:
@@ -87,21 +86,24 @@ def origin_marks(db: Database) -> dict[str, int]:
     the stream watermarks and (stronger claims) the WebSocket watermarks alike."""
     marks: dict[str, int] = {}
     for mark in watermarks(db):
-        site = mark.site_id.removeprefix(_ORIGIN_PREFIX)
+        site = stream_origin(mark.site_id) or mark.site_id
         marks[site] = max(marks.get(site, 0), mark.received)
     return marks
 
 
-def adopt_marks(db: Database, marks: dict[str, int]) -> None:
-    """Raise our stream watermarks to `marks` (never lowers one), in one transaction."""
+def adopt_marks(db: Database, marks: dict[str, int], incarnations: dict[str, str] | None = None) -> None:
+    """Raise our stream watermarks to `marks` (never lowers one), in one transaction, each with
+    the origin's incarnation from `incarnations` when known ("" otherwise)."""
+    known = incarnations or {}
     with db.transaction() as tx:
         for site, held in marks.items():
             if site != db.site_id and held > 0:
-                store_received(tx, origin_key(site), held)
+                store_received(tx, origin_key(site), held, known.get(site, ""))
 
 
 def promote_peers(db: Database) -> None:
     """Raise each stream watermark to the WebSocket watermark of the same site: changes synced
     directly from a peer need not be read from the stream again, and their absence from the
     stream is no gap."""
-    adopt_marks(db, {m.site_id: m.received for m in watermarks(db) if not m.site_id.startswith(_ORIGIN_PREFIX)})
+    direct = [m for m in watermarks(db) if stream_origin(m.site_id) is None]
+    adopt_marks(db, {m.site_id: m.received for m in direct}, {m.site_id: m.incarnation for m in direct})

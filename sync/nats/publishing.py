@@ -8,10 +8,17 @@ message goes as parts that receivers stage and merge at once.
 A page counts as published when the server acknowledges it (a JetStream publish ack: stored in
 the stream). Then `published` moves, in the database, so a restart resumes after it; a crash
 in between republishes the page, which receivers take as a duplicate. The `Nats-Msg-Id` of a
-whole page is `<site>.<since>.<upto>`: a republished page inside the stream's duplicate window
-is dropped by the server itself. Parts carry a per-run nonce as well, because a restarted run
-may split the same group differently: its parts must not be mistaken for the earlier run's
-(receivers start a group over when its part 0 comes again, see sync.nats.receiving).
+whole page is `<site>.<since>.<upto>.<incarnation>`: a republished page inside the stream's
+duplicate window is dropped by the server itself. Parts carry a per-run nonce as well, because
+a restarted run may split the same group differently: its parts must not be mistaken for the
+earlier run's (receivers start a group over when its part 0 comes again, see
+sync.nats.receiving).
+
+Every message also names the publishing file's incarnation (`Crdt-Incarnation`, engine.lineage):
+receivers record it with the origin's watermark, and a replica reading a page on its own
+subject from an incarnation it does not continue knows that another file shares its site id.
+The incarnation is part of the message id for that reason: a copied file's page for the same
+versions as the original's is another message, which the server keeps and both files read.
 """
 
 from __future__ import annotations
@@ -25,10 +32,19 @@ from nats.js import JetStreamContext
 
 from engine.database import Database
 
-from ..changes import Limits, Outbox
+from ..changes import Limits
 from ..errors import MessageTooLargeError
+from ..outbox import Outbox
 from ..protocol import Changes, encode
-from .layout import MSG_ID_HEADER, SCHEMA_HEADER, NatsOptions, retry_transient, stream_name, subject_for
+from .layout import (
+    INCARNATION_HEADER,
+    MSG_ID_HEADER,
+    SCHEMA_HEADER,
+    NatsOptions,
+    retry_transient,
+    stream_name,
+    subject_for,
+)
 from .positions import read_positions, store_published
 
 __all__ = ["Publisher", "schema_header"]
@@ -56,7 +72,7 @@ class Publisher:
         self.on_published = on_published
         self.wake = asyncio.Event()
         self.wake.set()  # publish whatever is pending at start
-        self._header = schema_header(db)
+        self._headers = {SCHEMA_HEADER: schema_header(db), INCARNATION_HEADER: db.incarnation}
         self._nonce = uuid.uuid4().hex[:12]
         self._outbox: Outbox | None = None
 
@@ -106,8 +122,8 @@ class Publisher:
             self.on_published(page)
 
     async def _publish(self, page: Changes, data: bytes) -> None:
-        msg_id = f"{self.db.site_id}.{page.since}.{page.upto}"
+        msg_id = f"{self.db.site_id}.{page.since}.{page.upto}.{self.db.incarnation}"
         if page.part or page.more_parts:
             msg_id += f".{page.part}.{self._nonce}"
-        headers = {MSG_ID_HEADER: msg_id, SCHEMA_HEADER: self._header}
+        headers = {**self._headers, MSG_ID_HEADER: msg_id}
         await self.js.publish(self.subject, data, timeout=self.publish_timeout, stream=self.stream, headers=headers)

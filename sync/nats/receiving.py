@@ -3,8 +3,9 @@
 Runs on the replica's database thread; every method is synchronous and called one at a time.
 
 Each origin publishes only its own changes, in order, as pages `(since, upto]` of its
-db_versions (sync.protocol `Changes`). The Inbox of that origin (sync.changes) validates and
-merges a page and stores the origin's watermark in the same transaction. The stream sequence to
+db_versions (sync.protocol `Changes`). The Inbox of that origin (sync.inbox) validates and
+merges a page and stores the origin's watermark (with the origin's incarnation the page
+names) in the same transaction. The stream sequence to
 resume from is stored after the merges it follows (it may lag them, never lead them), so a
 crash at any point re-reads, never skips.
 
@@ -20,6 +21,9 @@ Rules on top of the Inbox, all decided by stream sequence (a message's place in 
 - A whole page or a new part 0 of an origin whose parts are still staged means the origin
   started over (its publisher restarted mid-group and re-read the group, perhaps split
   differently): the staged parts are dropped and the new message is taken as it comes.
+- A page on our own subject is never merged, but if it names an incarnation of our site that
+  this file does not continue up to the page's versions (engine.lineage), another file shares
+  our site id (a copy, a restored backup): `DuplicateSiteError`, the replica stops.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import msgspec
 
 from engine.database import Database
 
-from ..changes import ApplyOutcome, CrrSchema, Inbox, Limits
-from ..errors import InvalidChangeError, ProtocolError, StreamGapError
+from ..changes import CrrSchema, Limits
+from ..errors import DuplicateSiteError, InvalidChangeError, ProtocolError, StreamGapError
+from ..inbox import ApplyOutcome, Inbox
 from ..protocol import Changes, site_bytes
 from .positions import origin_key, origin_watermark, promote_peers, store_resume
 
@@ -42,12 +47,14 @@ log = logging.getLogger("sync.nats")
 
 
 class Step(msgspec.Struct, frozen=True):
-    """One delivery to handle: the page of `origin` found at stream sequence `seq`, or
-    (`page` None) a message that needs nothing here (our own page, a refused message)."""
+    """One delivery to handle: the page of `origin` found at stream sequence `seq`, published
+    by the origin's `incarnation` ("" if the message does not say), or (`page` None) a message
+    that needs nothing here (a refused message; our own page of our own incarnation)."""
 
     seq: int
     origin: str = ""
     page: Changes | None = None
+    incarnation: str = ""
 
 
 class Applied(msgspec.Struct):
@@ -71,7 +78,7 @@ class StreamInbox:
         self.done = resume - 1  # every stream sequence up to here is merged or needed nothing
         self.progressed = False  # a watermark moved since the last checkpoint was written
         # Called (on this thread) with our db_versions (low, high] of a merge that wrote nothing
-        # of our own (no after-apply hook wrote): the publisher need not read them.
+        # of our own (no merge listener wrote): the publisher need not read them.
         self.on_merged: Callable[[int, int], None] | None = None
         self._stored_resume = resume
         self._inboxes: dict[str, Inbox] = {}
@@ -97,16 +104,20 @@ class StreamInbox:
         each merge becomes a SAVEPOINT, measured ~60% slower per change (statement journal).
 
         Raises:
-            ApplyError: an after-apply hook failed (that page rolled back).
+            DuplicateSiteError: a page on our own subject comes from another file with our
+                site id (the steps before it are handled, their results lost: the replica stops).
+            ApplyError: a merge listener (`db.on_merge`) failed (that page rolled back).
             apsw.Error: the database failed (that page rolled back).
-        After either, this object is out of step with the database: the replica drops it and
-        reconnects with a new one, which starts from the stored positions.
+        After an ApplyError or apsw.Error, this object is out of step with the database: the
+        replica drops it and reconnects with a new one, which starts from the stored positions.
         """
         applied = Applied(outcomes=[None] * len(steps), refused={})
         for index, step in enumerate(steps):
-            if step.page is not None:
+            if step.page is not None and step.origin == self.db.site_id:
+                self._check_own(step.page, step.incarnation)
+            elif step.page is not None:
                 try:
-                    outcome = applied.outcomes[index] = self._apply(step.origin, step.page)
+                    outcome = applied.outcomes[index] = self._apply(step.origin, step.page, step.incarnation)
                 except StreamGapError as gap:
                     applied.gap = gap
                     break
@@ -124,8 +135,24 @@ class StreamInbox:
         if outcome.merged is not None and self.on_merged is not None:
             self.on_merged(*outcome.merged)
 
-    def _apply(self, origin: str, page: Changes) -> ApplyOutcome:
-        """Merge (or stage) one page of `origin`.
+    def _check_own(self, page: Changes, incarnation: str) -> None:
+        """A page on our own subject: ours, or another file's that shares our site id.
+
+        Raises:
+            DuplicateSiteError: this file does not continue `incarnation` up to `page.upto`.
+        """
+        if incarnation == self.db.incarnation or self.db.descends_from(incarnation, page.upto):
+            return
+        raise DuplicateSiteError(
+            f"replica {self.db.path} has site id {self.db.site_id}, which another database file also "
+            f"uses: the stream holds this site's changes up to db_version {page.upto} from incarnation "
+            f"{incarnation}, which this file does not continue (a copied file or a restored backup). "
+            "Give this copy a site id of its own with `crdt-sync clone SRC DST` and replicate the clone",
+            site_id=self.db.site_id,
+        )
+
+    def _apply(self, origin: str, page: Changes, incarnation: str) -> ApplyOutcome:
+        """Merge (or stage) one page of `origin`, published by its `incarnation`.
 
         Raises:
             StreamGapError: the page starts after what we hold of the origin (nothing applied).
@@ -145,7 +172,7 @@ class StreamInbox:
             self._check_gap(origin, page, starts_group=False)
         if page.part == 0:
             self._check_gap(origin, page, starts_group=True)
-        return self._inbox(origin).apply(page)
+        return self._inbox(origin, incarnation).apply(page)
 
     def _track_parts(self, step: Step, outcome: ApplyOutcome) -> None:
         """Remember where the group being staged started, so that reading resumes there."""
@@ -176,10 +203,12 @@ class StreamInbox:
         """Store the resume point; staged parts stay until the next start drops them."""
         self.flush()
 
-    def _inbox(self, origin: str) -> Inbox:
+    def _inbox(self, origin: str, incarnation: str) -> Inbox:
+        """The Inbox of `origin`, recording `incarnation` with the watermarks it stores."""
         inbox = self._inboxes.get(origin)
         if inbox is None:  # a new Inbox drops parts a crashed run left staged for this origin
-            inbox = self._inboxes[origin] = Inbox(self.db, origin_key(origin), self.schema, self.limits)
+            inbox = self._inboxes[origin] = Inbox(self.db, origin_key(origin), self.schema, self.limits, incarnation)
+        inbox.incarnation = incarnation  # an origin moved to another disk publishes as a new incarnation
         return inbox
 
     def _start_over(self, origin: str) -> None:

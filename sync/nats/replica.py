@@ -6,8 +6,8 @@ Threads (the replica is a context manager with an idempotent `close()`):
                          checkpoint writer; reconnects (back off, re-pin) until closed
     sync-nats-db         every database call of the loop (reads, merges, bookkeeping), one at a
                          time, so no APSW call ever blocks the event loop
-    ChangeNotifier       `db.on_commit` + a `PRAGMA data_version` poll (sync.websocket): wakes
-                         the publisher on local commits, other processes' included
+    engine-notifier      the database's change notifier (`db.on_change`, engine.notifier):
+                         wakes the publisher on local commits, other processes' included
 
 A failure a retry may fix (server gone or restarting, a failed merge, an unreachable bootstrap
 peer) logs and reconnects with backoff; `error` says what happened last. A failure a retry
@@ -24,25 +24,30 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import apsw
 import nats
 
 from engine.database import Database
 
-from ..changes import ApplyOutcome, CrrSchema, Limits, ensure_tables
+from ..changes import CrrSchema, Limits
 from ..errors import MessageTooLargeError, SyncError, TransportError
+from ..inbox import ApplyOutcome, ensure_staging
 from ..protocol import Changes
-from ..websocket import DEFAULT_POLL_INTERVAL, ChangeNotifier, TransportStats
+from ..watermarks import ensure_tables
+from ..websocket import TransportStats
 from . import positions
-from .bootstrap import Checkpoints, read_checkpoint
-from .consuming import BootstrapSource, Consumer
+from .bootstrap import BootstrapSource, Checkpoints, read_checkpoint
+from .consuming import Consumer
 from .layout import TRANSIENT_ERRORS, NatsOptions, check_name, ensure_bucket, ensure_stream, limits_for, stream_name
 from .publishing import Publisher
 from .receiving import StreamInbox
+
+if TYPE_CHECKING:
+    from ssl import SSLContext
 
 __all__ = ["NatsReplica", "NatsOptions", "replicate"]
 
@@ -61,13 +66,15 @@ class NatsReplica:
         name: str,
         bootstrap: str | None = None,
         token: str | None = None,
+        server_key: str | bytes | None = None,
+        ssl: "SSLContext | None" = None,
+        require_keys: bool = False,
         limits: Limits | None = None,
-        poll_interval: float | None = DEFAULT_POLL_INTERVAL,
         options: NatsOptions | None = None,
     ):
         self.name = check_name(name)
-        if bootstrap is not None and not bootstrap.startswith(("ws://", "wss://")):
-            raise ValueError(f"bootstrap peer {bootstrap!r} is not a ws:// or wss:// URL")
+        if bootstrap is None and (server_key is not None or ssl is not None or require_keys):
+            raise ValueError("server_key, ssl and require_keys apply to the bootstrap peer; none is given")
         self.db = db
         self.servers = [servers] if isinstance(servers, str) else list(servers)
         self.stream = stream_name(name)
@@ -77,9 +84,11 @@ class NatsReplica:
         self.refusals: deque[SyncError] = deque(maxlen=100)  # messages refused (see sync.nats.consuming)
         self.error: SyncError | None = None
         self._limits = limits
-        self._source = BootstrapSource(bootstrap, token, self.options.bootstrap_attempts) if bootstrap else None
-        self._poll_interval = poll_interval
+        self._source = BootstrapSource(
+            bootstrap, token, self.options.bootstrap_attempts, server_key=server_key, ssl=ssl,
+            require_keys=require_keys) if bootstrap else None
         ensure_tables(db)
+        ensure_staging(db)
         positions.ensure_table(db)
         self._schema = CrrSchema.load(db)
         self._live = threading.Event()
@@ -90,15 +99,14 @@ class NatsReplica:
         self._stopping: asyncio.Event | None = None
         self._publisher: Publisher | None = None
         self._consumer: Consumer | None = None
-        self._notifier: ChangeNotifier | None = None
+        self._unsubscribe: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._run, name=f"sync-nats {name}", daemon=True)
 
     # -- the caller's side ---------------------------------------------------------------
 
     def start(self) -> "NatsReplica":
         """Connect and run in the background (`replicate` does this). Returns self."""
-        self._notifier = ChangeNotifier(self.db, poll_interval=self._poll_interval)
-        self._notifier.subscribe(self._local_commit)
+        self._unsubscribe = self.db.on_change(self._local_commit)
         self._thread.start()
         return self
 
@@ -147,8 +155,8 @@ class NatsReplica:
                 pass
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=2 * self.options.api_timeout + 15)  # bounded: see _cancel, _wind_down
-        if self._notifier is not None:
-            self._notifier.close()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
 
     def __enter__(self) -> "NatsReplica":
         return self
@@ -163,7 +171,7 @@ class NatsReplica:
     # -- the loop's side -----------------------------------------------------------------
 
     def _local_commit(self) -> None:
-        """ChangeNotifier subscriber (any thread): wake the publisher."""
+        """`db.on_change` listener (the notifier's thread): wake the publisher."""
         loop, publisher = self._loop, self._publisher
         if loop is not None and publisher is not None:
             try:
@@ -395,8 +403,10 @@ def replicate(
     name: str,
     bootstrap: str | None = None,
     token: str | None = None,
+    server_key: str | bytes | None = None,
+    ssl: "SSLContext | None" = None,
+    require_keys: bool = False,
     limits: Limits | None = None,
-    poll_interval: float | None = DEFAULT_POLL_INTERVAL,
     options: NatsOptions | None = None,
 ) -> NatsReplica:
     """Keep `db` in sync through the NATS JetStream stream of `name` until closed; returns the
@@ -404,14 +414,17 @@ def replicate(
 
     `servers` is a `nats://host:port` URL or several. Every replica of one fleet uses the same
     `name` (it names the stream `CRDT_<name>` and the subjects `crdt.<name>.<site id>`). The
-    replica publishes its own commits as they happen (noticed through `db.on_commit` and a
-    `PRAGMA data_version` poll every `poll_interval` seconds) and merges everyone else's; a
-    replica new to the stream first reads all of it. `bootstrap` is a `ws://` peer (with
-    `token`) to pull from when pages it lacks already left the stream. `limits` bound the
-    pages it publishes (capped to the server's max_payload).
+    replica publishes its own commits as they happen (noticed through `db.on_change`: this
+    object's commits at once, other processes' within `Database.open(poll_interval=...)`) and
+    merges everyone else's; a replica new to the stream first reads all of it. `bootstrap` is
+    a `ws://` or `wss://` peer to pull from when pages it lacks already left the stream, met
+    as `Peer(db, require_keys=require_keys).sync_with(bootstrap, token=token,
+    server_key=server_key, ssl=ssl)` meets it (keys and TLS: sync.handshake, sync.tls).
+    `limits` bound the pages it publishes (capped to the server's max_payload).
 
     Raises:
-        ValueError: `name` cannot name a stream, or `bootstrap` is not a ws:// URL.
+        ValueError: `name` cannot name a stream; `bootstrap` is not a ws:// or wss:// URL;
+            `server_key`, `ssl` or `require_keys` without `bootstrap`; `ssl` for a ws:// URL.
     """
-    return NatsReplica(db, servers, name=name, bootstrap=bootstrap, token=token, limits=limits,
-                       poll_interval=poll_interval, options=options).start()
+    return NatsReplica(db, servers, name=name, bootstrap=bootstrap, token=token, server_key=server_key, ssl=ssl,
+                       require_keys=require_keys, limits=limits, options=options).start()
