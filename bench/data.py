@@ -76,7 +76,11 @@ class Workspace:
         return self.folder / f"{stem}-{next(self._names)}.db"
 
     def fresh(self, stem: str = "replica") -> Database:
-        return Database.open(self.path(stem), clock=ManualClock(start_ms=NOW_MS))
+        return self.open_path(self.path(stem))
+
+    def open_path(self, path: Path | str) -> Database:
+        """Open (creating) the replica at `path` with the benchmarks' manual clock."""
+        return Database.open(path, clock=ManualClock(start_ms=NOW_MS))
 
     def discard(self, db: Database) -> None:
         """Close a replica and delete its files (keeps the temp folder small)."""

@@ -23,7 +23,8 @@ import sync
 from .data import CRR_TABLES, Workspace, count_changes, raw_copy
 from .harness import BenchError, Pair, Row, Sample, db_digest, measure_pair, ratio_row, stopwatch
 
-__all__ = ["b3_in_process", "b4_websocket", "b6_initial_sync", "b7_scaling", "TOKEN", "server_url"]
+__all__ = ["b3_in_process", "b4_websocket", "b6_initial_sync", "b7_scaling", "TOKEN", "server_url", "sync_trials",
+           "sync_facts", "receiver_digest"]
 
 TOKEN = "bench-token"
 REPO = Path(__file__).resolve().parent.parent
@@ -44,11 +45,11 @@ def server_url(server) -> str:
     return f"ws://127.0.0.1:{port}"
 
 
-def _receiver_digest(db) -> str:
+def receiver_digest(db) -> str:
     return db_digest(db.connection, CRR_TABLES, clock_rows=True)
 
 
-def _trials(ws: Workspace, source, pull):
+def sync_trials(ws: Workspace, source, pull):
     """Ours and the baseline for one source: `pull(receiver_db)` runs our sync and returns
     its result object."""
     results: list = []
@@ -57,7 +58,7 @@ def _trials(ws: Workspace, source, pull):
         db = ws.fresh("recv-ours")
         with stopwatch() as elapsed:
             results.append(pull(db))
-        digest = _receiver_digest(db) if check else None
+        digest = receiver_digest(db) if check else None
         ws.discard(db)
         return Sample(*elapsed, digest=digest)
 
@@ -65,7 +66,7 @@ def _trials(ws: Workspace, source, pull):
         db = ws.fresh("recv-raw")
         with stopwatch() as elapsed:
             raw_copy(source, db)
-        digest = _receiver_digest(db) if check else None
+        digest = receiver_digest(db) if check else None
         ws.discard(db)
         return Sample(*elapsed, digest=digest)
 
@@ -78,14 +79,14 @@ def _in_process(ctx, changes: int) -> tuple[Pair, dict]:
     if key not in ctx.cache:
         source = ctx.ws.source(changes)
         source_peer = sync.Peer(source)
-        ours, baseline, results = _trials(ctx.ws, source, lambda db: sync.Peer(db).sync_with(source_peer))
+        ours, baseline, results = sync_trials(ctx.ws, source, lambda db: sync.Peer(db).sync_with(source_peer))
         reps = ctx.reps_for(changes)
         pair = measure_pair(f"sync of {changes:,} changes", ours, baseline, reps)
-        ctx.cache[key] = (pair, _facts(source, results))
+        ctx.cache[key] = (pair, sync_facts(source, results))
     return ctx.cache[key]
 
 
-def _facts(source, results: list) -> dict:
+def sync_facts(source, results: list) -> dict:
     pulled = {getattr(r, "pulled", None) for r in results}
     return {"changes": count_changes(source), "db_versions": source.db_version, "pulled": sorted(pulled, key=str)}
 
@@ -109,11 +110,11 @@ def b4_websocket(ctx, changes: int) -> list[Row]:
     server = sync.serve(source, "127.0.0.1", 0, token=TOKEN)
     try:
         url = server_url(server)
-        ours, baseline, results = _trials(ctx.ws, source, lambda db: sync.Peer(db).sync_with(url, token=TOKEN))
+        ours, baseline, results = sync_trials(ctx.ws, source, lambda db: sync.Peer(db).sync_with(url, token=TOKEN))
         pair = measure_pair("B4", ours, baseline, ctx.reps_for(changes))
     finally:
         server.close()
-    return [ratio_row("B4", what, pair, limit=1.6, extra=_facts(source, results))]
+    return [ratio_row("B4", what, pair, limit=1.6, extra=sync_facts(source, results))]
 
 
 def b6_initial_sync(ctx, changes: int) -> list[Row]:
