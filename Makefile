@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXT := extensions/crsqlite.so
 
-.PHONY: test demo bench extension venv clean
+.PHONY: test demo bench extension venv wheel typecheck clean
 
 test: extension venv
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -16,17 +16,28 @@ demo: extension venv
 bench: extension venv
 	$(PY) bench/run.py $(BENCH) $(if $(filter-out 0,$(BENCH_QUICK)),--quick)
 
+# make wheel: dist/crdt_execution_store-*-py3-none-<platform>.whl, crsqlite.so and migrations inside.
+# build/ is cleared first so that no file removed from the source lingers in the wheel.
+wheel: extension venv
+	rm -rf build
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
+	@ls dist/*.whl
+
+# make typecheck: mypy --strict over the packages (not yet part of `make test`).
+typecheck: venv
+	$(PY) -m mypy --strict engine sync
+
 # build.sh decides itself whether anything changed (it keeps a stamp of its inputs).
 extension:
 	@bash extensions/build.sh
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
 clean:
-	rm -rf $(VENV) extensions/.build $(EXT) extensions/crsqlite.so.stamp
+	rm -rf $(VENV) extensions/.build $(EXT) extensions/crsqlite.so.stamp build dist

@@ -9,6 +9,7 @@ from .errors import (
     EngineError,
     ExtensionNotFoundError,
     InvalidTransitionError,
+    MergeListenerError,
     NotFoundError,
     NotOwnerError,
     SchemaError,
@@ -26,4 +27,5 @@ __all__ = [
     "InvalidTransitionError",
     "CorruptDataError",
     "NotOwnerError",
+    "MergeListenerError",
 ]

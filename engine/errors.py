@@ -7,7 +7,8 @@
     ├── AlreadyExistsError       a creating method found its row already there
     ├── InvalidTransitionError   a state machine edge that is not allowed
     ├── CorruptDataError         a stored JSON column does not decode
-    └── NotOwnerError            this replica does not own the workflow
+    ├── NotOwnerError            this replica does not own the workflow
+    └── MergeListenerError       an `on_merge` listener failed (the merge is rolled back)
 
 Leaf errors carry the facts as attributes (table, id, column, ...) as well as in the message.
 """
@@ -23,6 +24,7 @@ __all__ = [
     "InvalidTransitionError",
     "CorruptDataError",
     "NotOwnerError",
+    "MergeListenerError",
 ]
 
 
@@ -31,11 +33,16 @@ class EngineError(Exception):
 
 
 class ExtensionNotFoundError(EngineError):
-    def __init__(self, path: str):
-        self.path = path
+    """`source` says who named `path`: "CRSQLITE_PATH", "extension=", or "" for the default
+    (the copy bundled in the wheel, else the checkout's extensions/crsqlite.so)."""
+
+    def __init__(self, path: str, *, source: str = ""):
+        self.path, self.source = path, source
+        where = f" (from {source})" if source else ""
         super().__init__(
-            f"cr-sqlite extension not found at {path}; build it with `make extension` "
-            f"(runs extensions/build.sh) or point CRSQLITE_PATH at a built crsqlite.so"
+            f"cr-sqlite extension not found at {path}{where}; in a source checkout build it with "
+            f"`make extension` (runs extensions/build.sh), install the wheel from `make wheel` "
+            f"(it bundles crsqlite.so), or point CRSQLITE_PATH at a built crsqlite.so"
         )
 
 
@@ -79,3 +86,7 @@ class NotOwnerError(EngineError):
         super().__init__(
             f"workflow {workflow_id!r} is owned by replica {owner}, not by this replica {local}"
         )
+
+
+class MergeListenerError(EngineError):
+    """A listener registered with `Database.on_merge` raised; its merge was rolled back."""

@@ -16,6 +16,7 @@ import apsw
 import msgspec
 
 from .errors import SchemaError
+from .resources import data_path
 
 __all__ = [
     "Migration",
@@ -27,7 +28,7 @@ __all__ = [
     "DEFAULT_MIGRATIONS_DIR",
 ]
 
-DEFAULT_MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+DEFAULT_MIGRATIONS_DIR = data_path("migrations", "migrations")  # the wheel's copy, else the checkout's
 _FILE_NAME = re.compile(r"^(\d+)_([A-Za-z0-9_\-]+)\.sql$")
 _TIMESTAMP_COLUMN = re.compile(r"(_at|timestamp)$")
 

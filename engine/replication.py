@@ -33,18 +33,18 @@ never releases an event the run lost: step 5 gives it to the winner.
 A conflict row's id comes from its kind and subjects, so the same conflict found on two
 replicas is one row after they sync. Every write here is part of the merging transaction.
 
-    from engine.replication import install_audit
-    remove = install_audit(peer)          # or install_audit(db)
-    peer.sync_with(other)                 # conflicts land in db.conflicts.list()
+The audit is on by default: `Database.open` registers it with `db.on_merge` when the file
+holds the execution stores' tables (`Database.open(path, audit=False)` opts out).
+
+    db = Database.open("app.db")          # audited
+    Peer(db).sync_with(other)             # conflicts land in db.conflicts.list()
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import msgspec
 
@@ -60,7 +60,7 @@ from .topics import insert_topic
 __all__ = [
     "AuditReport",
     "CONFLICT_ERROR_TYPE",
-    "install_audit",
+    "enable_audit",
     "audit",
     "audit_all",
     "open_conflicts_summary",
@@ -70,7 +70,6 @@ log = logging.getLogger("engine.replication")
 
 CONFLICT_ERROR_TYPE = "conflict"
 _AUDITED = frozenset({"handler_runs", "events", "topics", "ownership"})
-_installed: "weakref.WeakKeyDictionary[Database, Callable[[], None]]" = weakref.WeakKeyDictionary()
 
 
 class AuditReport(msgspec.Struct):
@@ -97,44 +96,25 @@ class _Scope(msgspec.Struct):
 # -- entry points ----------------------------------------------------------------------------
 
 
-def install_audit(target: Any) -> Callable[[], None]:
-    """Run `audit` inside every transaction that merges received changes into a replica.
-
-    `target` is a `sync.Peer` (its `after_apply`) or a `Database` (then `sync.changes` is
-    imported here, at call time: the engine does not depend on sync). Installing twice is a
-    no-op. Returns a function that uninstalls it.
+def enable_audit(db: Database) -> Callable[[], None] | None:
+    """Run `audit` inside every transaction that merges received changes into `db`, if it
+    holds the execution stores' tables (`Database.open` calls this unless `audit=False`).
+    Returns the function that turns it off again, or None for another schema.
 
     An error from the audit (e.g. a row it cannot interpret) is logged and its writes
     rolled back, but the merge goes on: a bad row must not stop sync for good.
     """
-    db: Database = getattr(target, "db", target)
-    if db in _installed:
-        return _installed[db]
+    if not _AUDITED <= set(db.crr_tables):
+        return None
+    return db.on_merge(_audit_merge)
 
-    # Neither the hook nor `uninstall` may hold `db` strongly: both live in tables keyed
-    # weakly by the database, which would otherwise never be collected.
-    def hook(tx: Session, merged: Sequence[tuple[str, tuple]]) -> None:
-        try:
-            audit(tx.db, merged, tx=tx)
-        except Exception:  # a bug in the audit must not make every retry of this merge fail
-            log.exception("after-merge audit of %s failed; the merge is kept", tx.db.path)
 
-    if hasattr(target, "after_apply"):
-        remove_hook = target.after_apply(hook)
-    else:
-        from sync.changes import add_after_apply
-
-        remove_hook = add_after_apply(db, hook)
-    db_ref = weakref.ref(db)
-
-    def uninstall() -> None:
-        remove_hook()
-        installed_on = db_ref()
-        if installed_on is not None:
-            _installed.pop(installed_on, None)
-
-    _installed[db] = uninstall
-    return uninstall
+def _audit_merge(tx: Session, merged: Sequence[tuple[str, tuple]]) -> None:
+    """The `on_merge` listener (module-level: it keeps no database alive)."""
+    try:
+        audit(tx.db, merged, tx=tx)
+    except Exception:  # a bug in the audit must not make every retry of this merge fail
+        log.exception("after-merge audit of %s failed; the merge is kept", tx.db.path)
 
 
 def audit(db: Database, merged: Iterable[tuple[str, tuple]], *, tx: Session | None = None) -> AuditReport:

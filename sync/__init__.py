@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .changes import Limits, PeerWatermark, add_after_apply, watermarks
+from .changes import Limits
 from .errors import (
     ApplyError,
     AuthError,
     CorruptFileError,
+    DuplicateSiteError,
     InvalidChangeError,
     MessageTooLargeError,
     PeerRefusedError,
@@ -29,17 +30,19 @@ from .errors import (
 )
 from .files import export_changes, import_changes
 from .peer import Peer, SyncResult
+from .progress import SyncProgress
 from .session import Role, Session, State
+from .watermarks import PeerWatermark, watermarks
 
 __all__ = [
     "Peer",
     "SyncResult",
+    "SyncProgress",
     "Session",
     "Role",
     "State",
     "Limits",
     "PeerWatermark",
-    "add_after_apply",
     "watermarks",
     "export_changes",
     "import_changes",
@@ -53,6 +56,7 @@ __all__ = [
     "InvalidChangeError",
     "AuthError",
     "SchemaMismatchError",
+    "DuplicateSiteError",
     "ApplyError",
     "CorruptFileError",
     "TransportError",

@@ -2,8 +2,10 @@
 
     crdt-sync init app.db
     crdt-sync status app.db
+    crdt-sync doctor app.db                                     # exit 1 when something is wrong
     crdt-sync serve app.db --port 8765 --token s3cret          # until Ctrl-C, live
     crdt-sync sync other.db ws://127.0.0.1:8765 --token s3cret  # one pull+push round
+    crdt-sync sync other.db ws://127.0.0.1:8765 --progress      # with a progress bar
     crdt-sync export app.db --for 0123...cdef changes.bin
     crdt-sync import other.db changes.bin
 
@@ -20,18 +22,21 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
 import apsw
 
 from engine import Database, EngineError
+from engine.doctor import Fact, diagnose, write_diagnosis
 
-from .changes import watermarks
+from .watermarks import PeerWatermark, watermarks
 from .errors import SyncError
 from .files import export_changes, import_changes
 from .peer import Peer
+from .progress import ProgressCallback, SyncProgress
 from .protocol import parse_site_id
 from .websocket import connect, serve, sync_with_url
 
@@ -41,6 +46,7 @@ __all__ = [
     "write_status",
     "register_status_section",
     "CommandError",
+    "ProgressBar",
     "EXIT_OK",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
@@ -114,11 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="also keep a live connection to this ws:// server (repeatable; makes a relay)",
     )
 
+    doctor = command(
+        "doctor", "Check a replica, never creating nor migrating it (extension, schema, peers, WAL); exit 1 if wrong.",
+        _cmd_doctor,
+    )
+    doctor.add_argument("db", metavar="DB", help="path of the database file to check")
+
     sync = command("sync", "Run one pull-then-push round with a ws:// server and print the counts.", _cmd_sync)
     sync.add_argument("db", metavar="DB", help="path of an existing database file")
     sync.add_argument("url", metavar="URL", help="the server, e.g. ws://127.0.0.1:8765")
     _add_token(sync)
-    sync.add_argument("--quiet", "-q", action="store_true", help="no per-page progress on stderr")
+    shown = sync.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", "-q", action="store_true", help="no progress output on stderr")
+    shown.add_argument(
+        "--progress", action="store_true",
+        help="a progress bar on stderr (changes, MB, rate, ETA) even when it is not a terminal "
+             "(on a terminal it is the default; otherwise one line per page)",
+    )
 
     export = command("export", "Write the changes a peer lacks to a file (air-gapped transfer).", _cmd_export)
     export.add_argument("db", metavar="DB", help="path of an existing database file")
@@ -189,16 +207,7 @@ def _open_existing(path: str) -> Database:
     """
     if path != ":memory:" and not Path(path).is_file():
         raise FileNotFoundError(2, f"no database (create it with `{PROG} init`)", path)
-    return _audited(Database.open(path))
-
-
-def _audited(db: Database) -> Database:
-    """Every merge this command makes is audited for replicated-execution conflicts (the CLI
-    is the roof: it may wire the engine's audit into sync's after-apply hook)."""
-    from engine.replication import install_audit
-
-    install_audit(db)
-    return db
+    return Database.open(path)  # merges are audited for conflicts (on by default)
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -230,18 +239,24 @@ def write_status(db: Database, out: TextIO) -> None:
     with db.reading() as session:
         counts = [(t, session.scalar(f'SELECT count(*) FROM "{t}"')) for t in db.crr_tables]
     print("tables:         " + ", ".join(f"{t} ({n} rows)" for t, n in counts), file=out)
-    peers = watermarks(db) if _has_table(db, "__sync_peers") else []  # never synced: no bookkeeping yet
+    peers = _known_peers(db)
     print(f"known peers:    {len(peers)}", file=out)
     for mark in peers:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mark.updated_at / 1000)) if mark.updated_at else "never"
-        print(
-            f"  {mark.site_id}  received through its db_version {mark.received}, "
-            f"acked through ours {mark.acked}, last sync {when}",
-            file=out,
-        )
+        print(f"  {_describe_peer(mark)}", file=out)
     for section in _status_sections:
         for line in section(db):
             print(line, file=out)
+
+
+def _known_peers(db: Database) -> list[PeerWatermark]:
+    """The peers `db` has synced with (none, and no bookkeeping table, if it never synced)."""
+    return watermarks(db) if _has_table(db, "__sync_peers") else []
+
+
+def _describe_peer(mark: PeerWatermark) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mark.updated_at / 1000)) if mark.updated_at else "never"
+    return (f"{mark.site_id}  received through its db_version {mark.received}, "
+            f"acked through ours {mark.acked}, last sync {when}")
 
 
 def _has_table(db: Database, name: str) -> bool:
@@ -250,13 +265,70 @@ def _has_table(db: Database, name: str) -> bool:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
-    def progress(pulled: int, pushed: int) -> None:
-        print(f"{PROG}: ... pulled {pulled}, pushed {pushed}", file=sys.stderr, flush=True)
-
-    with _open_existing(args.db) as db:
-        result = sync_with_url(Peer(db), args.url, token=args.token, progress=None if args.quiet else progress)
-        print(f"pulled {result.pulled} changes, pushed {result.pushed} changes ({args.url})")
+    with _open_existing(args.db) as db, _progress_display(args) as progress:
+        result = sync_with_url(Peer(db), args.url, token=args.token, progress=progress)
+    print(f"pulled {result.pulled} changes, pushed {result.pushed} changes ({args.url})")
     return EXIT_OK
+
+
+@contextmanager
+def _progress_display(args: argparse.Namespace) -> Iterator[ProgressCallback | None]:
+    """What `sync` shows while it runs: nothing (--quiet), a bar (--progress, or stderr is a
+    terminal), else one line per page (logs keep a readable record)."""
+    if args.quiet:
+        yield None
+    elif args.progress or sys.stderr.isatty():
+        with ProgressBar(sys.stderr) as bar:
+            yield bar
+    else:
+        yield lambda p: print(f"{PROG}: ... pulled {p.pulled}, pushed {p.pushed}", file=sys.stderr, flush=True)
+
+
+class ProgressBar:
+    """A tqdm bar fed with `SyncProgress` reports: changes (of the estimated total), MB moved,
+    rate and ETA — the estimate's own figures, not tqdm's (see sync.progress for their meaning).
+    On a terminal it redraws at most 10 times a second; elsewhere it writes every report."""
+
+    KNOWN = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} changes{postfix}"
+    UNKNOWN = "{desc}: {n_fmt} changes{postfix}"  # no total estimated yet: no bar, no percentage
+
+    def __init__(self, out: TextIO):
+        from tqdm import tqdm  # imported only when a bar is shown
+
+        self._format_interval = tqdm.format_interval
+        self._bar = tqdm(
+            total=None, file=out, desc=PROG, unit="changes", dynamic_ncols=True,
+            mininterval=0.1 if out.isatty() else 0, bar_format=self.UNKNOWN,
+        )
+
+    def __call__(self, progress: SyncProgress) -> None:
+        eta = "?" if progress.eta_seconds is None else self._format_interval(progress.eta_seconds)
+        self._bar.total = progress.total_changes
+        self._bar.bar_format = self.UNKNOWN if progress.total_changes is None else self.KNOWN
+        self._bar.n = progress.changes
+        self._bar.set_postfix_str(
+            f"{progress.bytes / 1e6:.1f} MB, {progress.rate:,.0f} changes/s, ETA {eta}", refresh=False
+        )
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    """The engine's diagnosis (engine.doctor) plus this replica's sync peers."""
+    return write_diagnosis(diagnose(args.db, sections=[_sync_facts]), PROG, sys.stdout, sys.stderr)
+
+
+def _sync_facts(db: Database) -> list[Fact]:
+    peers = _known_peers(db)
+    return [Fact("sync peers", str(len(peers)))] + [Fact("peer", _describe_peer(mark)) for mark in peers]
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -43,7 +43,6 @@ from typing import Any
 import msgspec
 
 from engine import Database
-from engine.replication import install_audit
 
 __all__ = ["main", "table_checksums", "TableChecksum"]
 
@@ -215,7 +214,6 @@ def _run_replica(args: argparse.Namespace) -> int:
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     sys.stdout = sys.stderr
     with Database.open(args.db) as db:
-        install_audit(db)  # merges are audited for replicated-execution conflicts
         loop = _ReplicaLoop(args.replica, db, serve=args.serve, url=args.connect, token=args.token)
         try:
             out.write(json.dumps(loop.start()) + "\n")

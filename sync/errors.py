@@ -6,6 +6,7 @@
     │   └── InvalidChangeError     a change for an unknown table/column, a bad pk or site id (code "invalid_change")
     ├── AuthError                  missing or wrong token (code "auth")
     ├── SchemaMismatchError        the peers' CRR schemas differ (code "schema_mismatch")
+    ├── DuplicateSiteError         two database files share one site id: a copy (code "duplicate_site")
     ├── ApplyError                 merging valid changes failed locally (code "apply_failed")
     ├── CorruptFileError           an export file is truncated, tampered or not ours (code "corrupt_file")
     ├── TransportError             could not connect, connection lost or closed mid-round (carries `url`)
@@ -17,8 +18,8 @@ remote noticed it, and `except PeerRefusedError` catches every remote refusal:
 
     RefusedAuthError(PeerRefusedError, AuthError), RefusedSchemaMismatchError(...), ...
 
-`permanent` is true for errors a retry will not fix (AuthError, SchemaMismatchError and
-their refusals): a reconnecting client stops on them.
+`permanent` is true for errors a retry will not fix (AuthError, SchemaMismatchError,
+DuplicateSiteError and their refusals): a reconnecting client stops on them.
 
 Every error has a `code` (the wire code sent in an `Error` message) and its facts as
 attributes (table, column, fingerprints, site ids, ...).
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidChangeError",
     "AuthError",
     "SchemaMismatchError",
+    "DuplicateSiteError",
     "ApplyError",
     "CorruptFileError",
     "TransportError",
@@ -103,6 +105,20 @@ class SchemaMismatchError(SyncError):
         super().__init__(message)
 
 
+class DuplicateSiteError(SyncError):
+    """Two database files use one site id (a copied file, a restored backup): their writes
+    would share db_versions and peers would skip some of them. Nothing was exchanged. The fix:
+    give the copy a site id of its own with `crdt-sync clone SRC DST` (`Database.clone_to`)."""
+
+    code = "duplicate_site"
+    permanent = True
+    site_id = ""
+
+    def __init__(self, message: str, *, site_id: str = ""):
+        self.site_id = site_id
+        super().__init__(message)
+
+
 class ApplyError(SyncError):
     """Valid changes could not be merged here (disk full, lock timeout, ...); rolled back."""
 
@@ -164,6 +180,10 @@ class RefusedApplyError(PeerRefusedError, ApplyError):
     pass
 
 
+class RefusedDuplicateSiteError(PeerRefusedError, DuplicateSiteError):
+    pass
+
+
 _REFUSALS: dict[str, type[PeerRefusedError]] = {
     "protocol": RefusedProtocolError,
     "too_large": RefusedMessageTooLargeError,
@@ -171,6 +191,7 @@ _REFUSALS: dict[str, type[PeerRefusedError]] = {
     "auth": RefusedAuthError,
     "schema_mismatch": RefusedSchemaMismatchError,
     "apply_failed": RefusedApplyError,
+    "duplicate_site": RefusedDuplicateSiteError,
 }
 
 

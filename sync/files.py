@@ -32,16 +32,9 @@ import msgspec
 
 from engine.database import Database
 
-from .changes import (
-    INSERT_CHANGES,
-    CrrSchema,
-    Limits,
-    Outbox,
-    run_after_apply,
-    store_received,
-    ensure_tables,
-    received_watermark,
-)
+from .changes import INSERT_CHANGES, CrrSchema, Limits, report_merge
+from .outbox import Outbox
+from .watermarks import ensure_tables, received_watermark, store_received
 from .errors import CorruptFileError, SchemaMismatchError, SyncError
 from .protocol import PROTOCOL_VERSION, Changes, SiteHex, parse_site_id
 
@@ -60,6 +53,7 @@ class FileHeader(msgspec.Struct, tag="file_header", array_like=True, frozen=True
     fingerprint: str
     since: int
     created_at: int
+    incarnation: str = ""  # the exporter's (engine.lineage), recorded with its watermark
 
 
 class FileTrailer(msgspec.Struct, tag="file_trailer", array_like=True, frozen=True):
@@ -96,7 +90,7 @@ def export_changes(
     path = Path(path)
     aside = path.with_name(path.name + ".part")
     header = FileHeader(PROTOCOL_VERSION, db.site_id, for_site, db.schema_version, db.schema_fingerprint,
-                        since, db.clock.now_ms())
+                        since, db.clock.now_ms(), db.incarnation)
     outbox = Outbox(db, for_site or _NO_SITE, since, limits)
     outbox.ceiling = db.db_version
     digest = hashlib.sha256(MAGIC)
@@ -136,14 +130,22 @@ def import_changes(db: Database, path: str | os.PathLike) -> int:
         digest = hashlib.sha256(MAGIC)
         with open(path, "rb") as src:
             for item in _frames(src, path, digest):
-                if isinstance(item, Changes) and item.rows:
-                    tx.executemany(INSERT_CHANGES, item.rows)
-                    run_after_apply(db, tx, ((r[0], r[1]) for r in item.rows))
+                rows = _foreign(item.rows, schema.own_site) if isinstance(item, Changes) else None
+                if rows:
+                    tx.executemany(INSERT_CHANGES, rows)
+                    report_merge(db, tx, ((r[0], r[1]) for r in rows))
         if digest.digest() != trailer.sha256:
             raise CorruptFileError(path, "the file changed while it was being imported")
         if header.for_site == db.site_id and header.since <= received_watermark(db, header.site_id, tx):
-            store_received(tx, header.site_id, trailer.upto)
+            store_received(tx, header.site_id, trailer.upto, header.incarnation)
     return trailer.changes
+
+
+def _foreign(rows: list, own_site: bytes) -> list:
+    """The rows of a page that are not this replica's own changes. A file made for every
+    replica (no `for_site`) may hold ours: they are skipped, never merged as if they were
+    new local writes (which a forged one would be)."""
+    return [row for row in rows if row[6] != own_site]
 
 
 def _write_frame(out: BinaryIO, digest, message: msgspec.Struct) -> None:
@@ -245,7 +247,7 @@ def _check_page(path: str, schema: CrrSchema, page: Changes, upto: int) -> int:
     if page.since > upto:
         raise CorruptFileError(path, f"a page starts at {page.since} after the previous page ended at {upto}")
     try:
-        schema.validate(page.rows, page.since, page.upto)
+        schema.validate(_foreign(page.rows, schema.own_site), page.since, page.upto)
     except SyncError as error:
         raise CorruptFileError(path, f"invalid change: {error}") from error
     return max(upto, page.upto) if not page.more_parts else upto

@@ -16,17 +16,11 @@ from collections.abc import Callable
 
 from engine.database import Database
 
-from .changes import (
-    AfterApply,
-    CrrSchema,
-    Limits,
-    PeerWatermark,
-    add_after_apply,
-    after_apply_hooks,
-    ensure_tables,
-    watermarks,
-)
+from .changes import CrrSchema, Limits
+from .inbox import ensure_staging
+from .watermarks import PeerWatermark, ensure_tables, watermarks
 from .errors import ProtocolError
+from .progress import ProgressCallback, ProgressMeter
 from .session import Role, Session, SyncResult
 
 __all__ = ["Peer", "SyncResult", "run_in_process"]
@@ -44,8 +38,31 @@ class Peer:
         self.token = token
         self.limits = limits or Limits()
         ensure_tables(db)
-        self.schema = CrrSchema.load(db)
-        self.fingerprint = db.schema_fingerprint
+        ensure_staging(db)
+        self._schema_facts: tuple[int, CrrSchema, str, int] | None = None
+
+    def _facts(self) -> tuple[int, CrrSchema, str, int]:
+        """(schema cookie, CRR schema, fingerprint, schema version), re-read when the file's
+        schema changed — another process may migrate it while this peer serves."""
+        cookie = self.db.schema_cookie
+        if self._schema_facts is None or self._schema_facts[0] != cookie:
+            self._schema_facts = (cookie, CrrSchema.load(self.db), self.db.schema_fingerprint,
+                                  self.db.schema_version)
+        return self._schema_facts
+
+    @property
+    def schema(self) -> CrrSchema:
+        """Which tables and columns a received change may carry."""
+        return self._facts()[1]
+
+    @property
+    def fingerprint(self) -> str:
+        """The schema fingerprint announced in Hello (see `Database.schema_fingerprint`)."""
+        return self._facts()[2]
+
+    @property
+    def schema_version(self) -> int:
+        return self._facts()[3]
 
     @property
     def site_id(self) -> str:
@@ -62,8 +79,13 @@ class Peer:
         """A new protocol session for one connection (see sync.session for the contract)."""
         return Session(self, Role(role), token=token, live=live, limits=self.limits, progress=progress)
 
-    def sync_with(self, target: "Peer | str", *, token: str | None = None) -> SyncResult:
+    def sync_with(
+        self, target: "Peer | str", *, token: str | None = None, progress: ProgressCallback | None = None
+    ) -> SyncResult:
         """One round with `target`: pull what it has that we lack, then push what it lacks.
+
+        `progress(SyncProgress)` is called after every page moved (counts, bytes, rate and
+        an estimated ETA; see sync.progress).
 
         Raises:
             AuthError, SchemaMismatchError: the target refused us (as `PeerRefusedError`).
@@ -75,24 +97,15 @@ class Peer:
                 raise ValueError(f"sync target {target!r} is neither a Peer nor a ws:// URL")
             from .websocket import sync_with_url
 
-            return sync_with_url(self, target, token=token)
+            return sync_with_url(self, target, token=token, progress=progress)
         if not isinstance(target, Peer):
             raise TypeError(f"sync target must be a Peer or a ws:// URL, not {type(target).__name__}")
         if target.db is self.db:
             raise ValueError("a peer cannot sync with itself")
-        client = self.session(Role.CLIENT, token=token)
+        client = self.session(Role.CLIENT, token=token, progress=ProgressMeter.wrap(progress))
         server = target.session(Role.SERVER)
         run_in_process(client, server)
         return client.result
-
-    def after_apply(self, hook: AfterApply) -> Callable[[], None]:
-        """Register `hook(tx, merged)` to run inside every merging transaction of this
-        database (see `sync.changes.add_after_apply`); returns its remover."""
-        return add_after_apply(self.db, hook)
-
-    @property
-    def hooks(self) -> list[AfterApply]:
-        return after_apply_hooks(self.db)
 
     def watermarks(self) -> list[PeerWatermark]:
         """What this replica knows of each peer it has synced with (for status displays)."""

@@ -5,14 +5,20 @@ Every message on the wire (and every frame of an export file) is one encoded `En
     [PROTOCOL_VERSION, [tag, field, field, ...]]        (MessagePack arrays: array_like structs)
 
 Messages:
-    Hello(site_id, schema_version, fingerprint, db_version, token, live, watermark)
+    Hello(site_id, schema_version, fingerprint, db_version, token, live, watermark,
+          incarnation, seen_incarnation)
         First message of each side: who it is, its schema, its current db_version (for
         progress). The client's Hello carries the token and whether it wants live mode; the
         server's Hello carries `watermark`: the *client's* db_version up to which the server
-        already holds the client's changes (where the client's push starts).
-    Pull(since)
+        already holds the client's changes (where the client's push starts). Both carry the
+        sender's `incarnation`; the server's also its record of the client: "I hold your
+        changes up to `watermark`, the last ones from your `seen_incarnation`". The client
+        refuses to go on if its file does not continue that history (a copy: see
+        engine.lineage and DuplicateSiteError).
+    Pull(since, seen_incarnation)
         The client's answer to the server's Hello: send me your changes after your
-        db_version `since` (the watermark the client holds for the server).
+        db_version `since` (the watermark the client holds for the server), the last ones
+        I hold from your `seen_incarnation` (the server checks its history the same way).
     Changes(since, upto, rows, part, more_parts, caught_up)
         A page: all changes the receiver lacks with sender db_version in (since, upto], whole
         db_version groups only. A group too large for one page is sent as parts 0..n of one
@@ -95,6 +101,9 @@ ChangeRow = tuple[_Name, _PkBlob, _Name, Any, _U63, _U63, _SiteBlob, _U63, _U63]
 holding both str and bytes."""
 
 
+_Incarnation = Annotated[str, msgspec.Meta(max_length=64)]
+
+
 class Change(msgspec.Struct, array_like=True, frozen=True):
     """One row of `crsql_changes`, named; encodes exactly like a `ChangeRow`."""
 
@@ -117,10 +126,13 @@ class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
     token: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
     live: bool = False
     watermark: _U63 | None = None
+    incarnation: _Incarnation = ""
+    seen_incarnation: _Incarnation = ""
 
 
 class Pull(msgspec.Struct, tag="pull", array_like=True, frozen=True):
     since: _U63
+    seen_incarnation: _Incarnation = ""
 
 
 class Changes(msgspec.Struct, tag="changes", array_like=True, frozen=True):

@@ -61,9 +61,12 @@ merged page says so instead when it can (`Ack.covered`: the merge only re-stampe
 peer's own changes), so a live write costs one page and one ack per link, not two of each.
 
 Watermarks: each side stores, per peer, the peer's db_version up to which it applied the
-peer's pages, in the same transaction as the merge. If a peer announces a db_version
-below that watermark (it was restored from an older copy), the watermark is reset to 0
-and the peer's changes are read again (idempotent).
+peer's pages and the peer's incarnation they came from, in the same transaction as the
+merge. Each side checks that its file continues the history the other side recorded
+(engine.lineage): a copied file or restored backup is refused with `DuplicateSiteError`
+before anything is read or applied. A peer of the recorded incarnation that announces a
+db_version below the watermark (its file lost commits) has its changes read again from 0
+(idempotent).
 
 Threading: a Session is not thread-safe. Call its methods from one thread (or under one
 lock per session). Many sessions may share one Peer and one Database.
@@ -82,8 +85,11 @@ import msgspec
 
 from engine.errors import EngineError
 
-from .changes import Inbox, Limits, Outbox, forget_received, record_ack, received_watermark
-from .errors import ApplyError, AuthError, ProtocolError, SchemaMismatchError, SyncError, refusal
+from .changes import Limits
+from .errors import ApplyError, AuthError, DuplicateSiteError, ProtocolError, SchemaMismatchError, SyncError, refusal
+from .inbox import Inbox
+from .outbox import Outbox
+from .watermarks import PeerRecord, peer_record, record_ack
 from .protocol import Ack, Changes, Error, Hello, Message, Pull, decode, encode
 
 if TYPE_CHECKING:
@@ -120,6 +126,14 @@ class SyncResult(msgspec.Struct):
     bytes_sent: int = 0
     remote_site: str = ""
     remote_db_version: int = 0
+    # The db_version spans of the round, for progress estimates (sync.progress): we pull the
+    # remote's versions from pull_from up to remote_db_version, and push ours from push_from
+    # up to push_to (our db_version when the push began); *_upto is how far each has got.
+    pull_from: int = 0
+    pulled_upto: int = 0
+    push_from: int = 0
+    push_to: int = 0
+    pushed_upto: int = 0
 
 
 class Session:
@@ -244,31 +258,54 @@ class Session:
         self.remote = hello
         self.result.remote_site = hello.site_id
         self.result.remote_db_version = hello.db_version
-        self._inbox = Inbox(self.db, hello.site_id, self.peer.schema, self.limits)
-        held = self._held_watermark(hello)
+        self._inbox = Inbox(self.db, hello.site_id, self.peer.schema, self.limits, hello.incarnation)
+        held = self._held_record(hello)
+        self.result.pull_from = self.result.pulled_upto = held.received
         if self.role is Role.SERVER:
             self.live = hello.live
             self.state = State.SYNCING
-            return [self._encode(self._hello(watermark=held, live=hello.live))]
+            return [self._encode(self._hello(watermark=held.received, seen=held.incarnation, live=hello.live))]
         if hello.watermark is None:
             raise ProtocolError("the server's hello lacks the watermark it holds for this client")
+        self._check_continues(hello.seen_incarnation, hello.watermark)
         self._push_since = hello.watermark
+        self._push_span(hello.watermark)
         self.state = State.SYNCING
-        return [self._encode(Pull(held))]
+        return [self._encode(Pull(held.received, held.incarnation))]
 
-    def _held_watermark(self, hello: Hello) -> int:
-        """Our watermark for the peer; reset to 0 if it lies beyond the peer's db_version (the
-        peer was restored from an older copy: its new versions reuse numbers we passed)."""
-        held = received_watermark(self.db, hello.site_id)
-        if held > hello.db_version:
-            log.warning("sync session %s: peer is at db_version %d below our watermark %d for it "
-                        "(restored from a copy?); re-reading all its changes", self._name(),
-                        hello.db_version, held)
-            forget_received(self.db, hello.site_id)
-            held = 0
+    def _held_record(self, hello: Hello) -> PeerRecord:
+        """Our record of the peer. If our watermark lies beyond the peer's db_version while the
+        peer is the incarnation we recorded (its file lost commits, e.g. a deleted WAL), its
+        new versions reuse numbers we passed: offer 0 so that everything it has is read again
+        (merging is idempotent). A peer of another incarnation checks its lineage itself."""
+        held = peer_record(self.db, hello.site_id)
+        if held.received > hello.db_version and held.incarnation in ("", hello.incarnation):
+            log.warning("sync session %s: peer is at db_version %d below our watermark %d for it; "
+                        "re-reading all its changes", self._name(), hello.db_version, held.received)
+            return PeerRecord(0, held.incarnation)
         return held
 
+    def _check_continues(self, incarnation: str, version: int) -> None:
+        """The peer holds our changes up to `version`, the last from our `incarnation`: refuse
+        to go on unless this file continues that history (engine.lineage).
+
+        Raises:
+            DuplicateSiteError: this file is a copy that split from the one the peer knows.
+        """
+        if self.db.descends_from(incarnation, version):
+            return
+        raise DuplicateSiteError(
+            f"replica {self.db.path} has site id {self.db.site_id}, which another copy of this database "
+            f"file also uses: the peer holds this site's changes up to db_version {version} from "
+            f"incarnation {incarnation}, which this file does not continue (a copied file or a restored "
+            "backup). Nothing was exchanged. Give this copy a site id of its own with "
+            "`crdt-sync clone SRC DST` (Database.clone_to) and sync the clone",
+            site_id=self.db.site_id,
+        )
+
     def _on_pull(self, pull: Pull) -> list[bytes]:
+        self._check_continues(pull.seen_incarnation, pull.since)
+        self._push_span(pull.since)
         self._outbox = Outbox(self.db, self.remote.site_id, pull.since, self.limits, self._inbox.echo)
         self._may_send = True
         return self._pump()
@@ -278,6 +315,8 @@ class Session:
             raise ProtocolError("changes after the server's stream ended")
         outcome = self._inbox.apply(page)
         if outcome.fresh:
+            if not page.more_parts:
+                self.result.pulled_upto = max(self.result.pulled_upto, page.upto)
             self.result.pulled += len(page.rows)
             self.result.applied += outcome.impacted
             self.result.pages_received += 1
@@ -304,11 +343,13 @@ class Session:
                 f"ack of page upto={page.upto} reports watermark {ack.watermark}: the page was not applied"
             )
         self._in_flight = None
+        if not page.more_parts:
+            self.result.pushed_upto = max(self.result.pushed_upto, page.upto)
         self.result.pushed += len(page.rows)
         self._report()
         self._outbox.acknowledged(ack.watermark)
         if not page.more_parts:
-            record_ack(self.db, self.remote.site_id, ack.watermark, ack.covered)
+            record_ack(self.db, self.remote.site_id, ack.watermark, ack.covered, self.remote.incarnation)
         if page.caught_up and not page.more_parts:
             self._send_done = True
         out = self._pump() if self._sending_allowed() else []
@@ -351,15 +392,18 @@ class Session:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _hello(self, *, token: str | None = None, live: bool = False, watermark: int | None = None) -> Hello:
+    def _hello(self, *, token: str | None = None, live: bool = False, watermark: int | None = None,
+               seen: str = "") -> Hello:
         return Hello(
             site_id=self.db.site_id,
-            schema_version=self.db.schema_version,
+            schema_version=self.peer.schema_version,
             fingerprint=self.peer.fingerprint,
             db_version=self.db.db_version,
             token=token,
             live=live,
             watermark=watermark,
+            incarnation=self.db.incarnation,
+            seen_incarnation=seen,
         )
 
     def _check_token(self, token: str | None) -> None:
@@ -373,19 +417,28 @@ class Session:
 
     def _check_compatible(self, hello: Hello) -> None:
         if hello.site_id == self.db.site_id:
-            raise ProtocolError(
-                f"the peer has this replica's own site id {hello.site_id} (a copied database file?)"
+            raise DuplicateSiteError(
+                f"the peer has this replica's own site id {hello.site_id}: one of the two database "
+                "files is a copy of the other. Give the copy a site id of its own with "
+                "`crdt-sync clone SRC DST` (Database.clone_to)",
+                site_id=hello.site_id,
             )
         if hello.fingerprint != self.peer.fingerprint:
             raise SchemaMismatchError(
-                f"schema mismatch: replica {self.db.site_id} has schema version {self.db.schema_version} "
+                f"schema mismatch: replica {self.db.site_id} has schema version {self.peer.schema_version} "
                 f"(fingerprint {self.peer.fingerprint}), replica {hello.site_id} has schema version "
                 f"{hello.schema_version} (fingerprint {hello.fingerprint}); migrate both to the same version",
                 local_fingerprint=self.peer.fingerprint,
                 remote_fingerprint=hello.fingerprint,
-                local_version=self.db.schema_version,
+                local_version=self.peer.schema_version,
                 remote_version=hello.schema_version,
             )
+
+    def _push_span(self, since: int) -> None:
+        """Record the versions this round pushes: from the remote's watermark for us to our
+        current db_version (commits made meanwhile go too, past the estimate)."""
+        self.result.push_from = self.result.pushed_upto = since
+        self.result.push_to = max(since, self.db.db_version)
 
     def _update_state(self) -> None:
         if self.state is State.SYNCING and self.caught_up:

@@ -47,7 +47,7 @@ def test_as_crr_refuses_unique_index(tmp_path):
 def test_changes_have_the_documented_columns_and_local_site_id(db):
     with db.transaction() as tx:
         tx.execute("INSERT INTO topics (id, workflow_id, name, created_at) VALUES ('t1', 'w', 'inbox', 5)")
-    cursor = db.connection.execute(f"SELECT * FROM crsql_changes")
+    cursor = db.connection.execute("SELECT * FROM crsql_changes")
     names = [d[0] for d in cursor.getdescription()]
     rows = cursor.fetchall()
     assert names == ["table", "pk", "cid", "val", "col_version", "db_version", "site_id", "cl", "seq"]

@@ -12,7 +12,7 @@ from engine import NotOwnerError
 from engine import claims
 from engine.events import event_id
 from engine.invariants import RULES, Violation
-from engine.replication import audit, audit_all, install_audit, open_conflicts_summary
+from engine.replication import audit, audit_all, open_conflicts_summary
 from engine.topics import topic_id
 from sync import export_changes, import_changes
 
@@ -207,15 +207,27 @@ def test_column_writers_agree_with_crsql_changes_and_keep_the_origin_through_a_r
 # -- the audit's entry points -----------------------------------------------------------------------
 
 
-def test_install_audit_on_a_database_and_uninstall(db):
-    from sync.changes import after_apply_hooks
+def test_the_audit_is_on_by_default_and_can_be_turned_off(tmp_path):
+    from engine import Database
+    from engine.replication import _audit_merge, enable_audit
 
-    remove = install_audit(db)
-    assert len(after_apply_hooks(db)) == 1
-    assert install_audit(db) is remove
-    remove()
-    assert after_apply_hooks(db) == []
-    assert install_audit(db) is not remove  # installable again
+    with Database.open(tmp_path / "on.db") as on, Database.open(tmp_path / "off.db", audit=False) as off:
+        assert on.merge_listeners == [_audit_merge]
+        assert off.merge_listeners == []
+        remove = enable_audit(off)
+        assert off.merge_listeners == [_audit_merge]
+        remove()
+        assert off.merge_listeners == []
+
+
+def test_a_schema_without_the_execution_stores_gets_no_audit(tmp_path):
+    from pathlib import Path
+
+    from engine import Database
+
+    notes = Path(__file__).resolve().parent.parent / "examples" / "notes_app" / "migrations"
+    with Database.open(tmp_path / "notes.db", migrations=notes) as db:
+        assert db.merge_listeners == []
 
 
 def test_audit_ignores_other_tables_and_a_clean_state(db):
@@ -299,12 +311,10 @@ def test_installing_the_audit_does_not_keep_a_closed_database_alive(tmp_path):
     import weakref
 
     from engine import Database
-    from engine.replication import install_audit
 
-    db = Database.open(tmp_path / "leak.db")
-    install_audit(db)
+    db = Database.open(tmp_path / "leak.db")  # the audit is registered
     ref = weakref.ref(db)
     db.close()
     del db
     gc.collect()
-    assert ref() is None, "the after-apply hook tables hold the database"
+    assert ref() is None, "the merge listener holds the database"

@@ -16,17 +16,13 @@ from pathlib import Path
 import pytest
 
 from engine import Database, ManualClock
-from engine.replication import install_audit
+from engine.replication import _audit_merge
 from sync import Peer
 from sync.testing import START_MS, Cluster, NotQuiescentError, Round, rows
 
 __all__ = ["Replica", "open_replicas", "close_all", "sync_until_quiet", "assert_converged", "START"]
 
 START = START_MS
-
-
-def _install_audit(index: int, db: Database, peer: Peer) -> None:
-    install_audit(peer)
 
 
 class Replica:
@@ -63,7 +59,7 @@ def open_replicas(directory: str | Path | None, n: int, *, seed: int = 0) -> lis
     """n fresh replicas (files in `directory`, a temp folder if None), each with its own
     ManualClock at START. Close them with `close_all`."""
     clocks = [ManualClock(START) for _ in range(n)]
-    cluster = Cluster(n, clock=clocks, setup=_install_audit, directory=directory, seed=seed)
+    cluster = Cluster(n, clock=clocks, directory=directory, seed=seed)
     return [Replica(cluster, index) for index in range(n)]
 
 
@@ -111,13 +107,11 @@ def three(tmp_path):
 
 def test_replicas_get_distinct_site_ids_own_clocks_and_the_audit(three):
     assert len({r.site_id for r in three}) == 3
-    assert len(three[0].peer.hooks) == 1
-    assert install_audit(three[0].peer) is install_audit(three[0].db)  # installed once
-    assert len(three[0].peer.hooks) == 1
+    assert [r.db.merge_listeners for r in three] == [[_audit_merge]] * 3  # on by default, once
     three[1].clock.advance(7)
     assert [r.clock.now_ms() - START for r in three] == [0, 7, 0]
     three[2].cluster.restart(2)
-    assert len(three[2].peer.hooks) == 1  # installed again on the reopened database
+    assert three[2].db.merge_listeners == [_audit_merge]  # on again for the reopened database
 
 
 def test_sync_until_quiet_converges_and_fails_loudly_when_told_to_stop_early(three):

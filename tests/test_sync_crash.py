@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from sync import Peer
-from sync.changes import Limits, watermarks
+from sync.changes import Limits
+from sync.watermarks import watermarks
 from test_sync_support import state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,7 @@ CHILD = textwrap.dedent(
                     b.connection.set_progress_handler(
                         lambda: b.connection.total_changes() > base + 100 and die(), 500)
                 elif mode == "before-commit":
-                    peer.after_apply(lambda tx, merged: die())
+                    b.on_merge(lambda tx, merged: die())
                 elif mode == "between-parts":
                     die()
         return receive(data)

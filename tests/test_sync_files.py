@@ -9,7 +9,8 @@ import pytest
 
 from engine.migrations import DEFAULT_MIGRATIONS_DIR
 from sync import CorruptFileError, Peer, SchemaMismatchError, export_changes, import_changes
-from sync.changes import Limits, watermarks
+from sync.changes import Limits
+from sync.watermarks import watermarks
 from sync.files import MAGIC
 from sync.testing import assert_converged
 from test_sync_support import state, topic, write

@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 
 from sync import Peer, State
-from sync.changes import Limits, Outbox, ensure_tables, watermarks
+from sync.changes import Limits
+from sync.outbox import Outbox
+from sync.watermarks import ensure_tables, watermarks
 from sync.protocol import Ack, Changes, decode
 from sync.testing import assert_converged
 from test_sync_pages import bulk_insert
@@ -71,9 +73,9 @@ def test_a_relayed_live_write_is_not_echoed_and_re_sync_moves_nothing(cluster):
 
 
 @pytest.mark.cluster(n=2)
-def test_a_hook_that_writes_nothing_keeps_the_claim(cluster):
+def test_a_merge_listener_that_writes_nothing_keeps_the_claim(cluster):
     a, b = cluster.replica(0), cluster.replica(1)
-    cluster.peer(1).after_apply(lambda tx, merged: tx.execute("SELECT count(*) FROM topics"))
+    cluster.replica(1).on_merge(lambda tx, merged: tx.execute("SELECT count(*) FROM topics"))
     link = _live_pair(cluster)
     start = len(link.messages)
     topic(a, "t")
@@ -86,9 +88,9 @@ def test_a_hook_that_writes_nothing_keeps_the_claim(cluster):
 
 
 @pytest.mark.cluster(n=2)
-def test_a_merge_whose_hook_writes_still_sends_its_watermark_page(cluster):
+def test_a_merge_whose_listener_writes_still_sends_its_watermark_page(cluster):
     a, b = cluster.replica(0), cluster.replica(1)
-    cluster.peer(1).after_apply(  # a local write at the merge's version: a must get it, no claim
+    cluster.replica(1).on_merge(  # a local write at the merge's version: a must get it, no claim
         lambda tx, merged: tx.execute("INSERT OR IGNORE INTO topics (id, workflow_id, name) VALUES ('hook', 'wf', '')"))
     link = _live_pair(cluster)
     start = len(link.messages)

@@ -10,7 +10,8 @@ import tracemalloc
 import pytest
 
 from sync import ApplyError, Peer, State
-from sync.changes import CHANGE_COLUMNS, Limits, watermarks
+from sync.changes import CHANGE_COLUMNS, Limits
+from sync.watermarks import watermarks
 from sync.peer import run_in_process
 from sync.protocol import Changes, decode
 from sync.testing import assert_converged
@@ -149,7 +150,7 @@ def test_writes_during_a_split_transfer_do_not_break_it(cluster):
     assert [r for r in state(b) if r[2] == "changed"] == [("r0", "wf", "changed", 0), ("r299", "wf", "changed", 299)]
 
 
-def test_after_apply_hook_runs_inside_the_merge(open_db):
+def test_merge_listener_runs_inside_the_merge(open_db):
     a, b = open_db("a"), open_db("b")
     write(a, "INSERT INTO topics (id, name) VALUES ('t1', 'x')")
     write(a, "INSERT INTO handler_state (id, state) VALUES ('s1', '{}')")
@@ -163,7 +164,7 @@ def test_after_apply_hook_runs_inside_the_merge(open_db):
         assert tx.scalar("SELECT name FROM topics WHERE id = 't1'") == "x"
         tx.execute("INSERT INTO handler_runs (id, error) VALUES ('audit', ?)", (str(len(merged)),))
 
-    remove = pb.after_apply(audit)
+    remove = b.on_merge(audit)
     pb.sync_with(Peer(a))
     assert seen == [[("handler_state", ("s1",)), ("topics", ("t1",))]]
     assert state(b, "handler_runs")[0][:1] == ("audit",)
@@ -173,7 +174,7 @@ def test_after_apply_hook_runs_inside_the_merge(open_db):
     assert len(seen) == 1
 
 
-def test_a_failing_hook_rolls_the_merge_back(open_db):
+def test_a_failing_merge_listener_rolls_the_merge_back(open_db):
     a, b = open_db("a"), open_db("b")
     topic(a, "t1")
     pb = Peer(b)
@@ -181,8 +182,8 @@ def test_a_failing_hook_rolls_the_merge_back(open_db):
     def broken(tx, merged):
         raise RuntimeError("audit exploded")
 
-    remove = pb.after_apply(broken)
-    with pytest.raises(ApplyError, match="after-apply hook .*broken failed: audit exploded"):
+    remove = b.on_merge(broken)
+    with pytest.raises(ApplyError, match="merge listener .*broken failed: audit exploded"):
         pb.sync_with(Peer(a))
     assert state(b) == [] and watermarks(b) == []
     remove()
@@ -190,13 +191,13 @@ def test_a_failing_hook_rolls_the_merge_back(open_db):
     assert state(b) == state(a)
 
 
-def test_hooks_see_every_row_of_a_staged_group(open_db):
+def test_merge_listeners_see_every_row_of_a_staged_group(open_db):
     a, b = open_db("a"), open_db("b")
     bulk_insert(a, 50)
     limits = Limits(page_changes=40)
     pb = Peer(b, limits=limits)
     seen = set()
-    pb.after_apply(lambda tx, merged: seen.update(merged))
+    b.on_merge(lambda tx, merged: seen.update(merged))
     pb.sync_with(Peer(a, limits=limits))
     assert seen == {("topics", (f"r{i}",)) for i in range(50)}
 
@@ -205,7 +206,7 @@ def test_apply_errors_become_apply_failed_refusals(open_db):
     a, b = open_db("a"), open_db("b")
     topic(a, "t1")
     pb = Peer(b)
-    pb.after_apply(lambda tx, merged: tx.execute("INSERT INTO no_such_table VALUES (1)"))
+    b.on_merge(lambda tx, merged: tx.execute("INSERT INTO no_such_table VALUES (1)"))
     with pytest.raises(ApplyError):
         pb.sync_with(Peer(a))
     assert state(b) == []

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from engine import Database
 from sync import ProtocolError
-from sync.changes import Limits, watermarks
+from sync.changes import Limits
+from sync.watermarks import watermarks
 from sync.errors import TransportError
 from sync.testing import Cluster, Faults, Step, Sync, SyncAll, run_schedule, schedules
 

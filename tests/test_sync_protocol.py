@@ -160,7 +160,7 @@ def test_a_replica_with_another_schema_is_refused(open_db, tmp_path):
 def test_a_copied_database_with_the_same_site_id_is_refused(setup):
     a, b, peer = setup
     error = reply_error(peer.session("server").receive(hello(a, site_id=b.site_id, token="s3cret")))
-    assert error.code == "protocol" and "own site id" in error.message
+    assert error.code == "duplicate_site" and "own site id" in error.message and "crdt-sync clone" in error.message
 
 
 @pytest.mark.parametrize("message", [Pull(0), Ack(1, 0, 1), Changes(0, 1, [])], ids=["pull", "ack", "changes"])

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from sync import Peer
-from sync.changes import Limits, watermarks
+from sync import DuplicateSiteError, Peer
+from sync.changes import Limits
+from sync.watermarks import watermarks
 from sync.testing import Disconnect, assert_converged, rows
 from test_sync_support import state, topic, write
 
@@ -194,9 +195,9 @@ def test_convergence_of_every_crr_table(pair):
     assert rows(b)["handler_state"][0][3] == b"\x00\xff"  # blob values keep their type
 
 
-def test_a_replica_restored_from_an_older_copy_still_delivers_its_new_writes(open_db, tmp_path):
-    """b holds a watermark for a beyond the restored a's history: a resends from the start,
-    or a's next writes (reusing those db_versions) would never reach b."""
+def test_a_replica_restored_from_an_older_backup_is_refused_until_cloned(open_db, tmp_path):
+    """b holds a's changes up to db_version 3; a restored backup of a (at version 1) numbers its
+    next writes 2, 3, ... which b would skip. Refused, nothing exchanged; its clone syncs whole."""
     a, b = open_db("a"), open_db("b")
     topic(a, "t1")
     backup = tmp_path / "a-backup.db"
@@ -210,6 +211,20 @@ def test_a_replica_restored_from_an_older_copy_still_delivers_its_new_writes(ope
     restored = open_db("a")
     assert (restored.site_id, restored.db_version) == (a.site_id, 1)
     topic(restored, "t4")
-    result = Peer(b).sync_with(Peer(restored))
-    assert result.pulled == 6  # t1 again (known) and t4
+    before = state(b)
+    with pytest.raises(DuplicateSiteError, match="crdt-sync clone"):
+        Peer(b).sync_with(Peer(restored))
+    with pytest.raises(DuplicateSiteError, match="crdt-sync clone"):
+        Peer(restored).sync_with(Peer(b))
+    assert state(b) == before and {m.site_id: m.received for m in watermarks(b)} == {a.site_id: 3}
+    new_site = restored.clone_to(tmp_path / "a-clone.db")
+    clone = open_db("a-clone")
+    assert clone.site_id == new_site != a.site_id
+    assert state(clone) == state(restored)
+    result = Peer(clone).sync_with(Peer(b))
+    assert result.pushed == 6  # t1 again (known to b) and t4, still attributed to a's site
     assert [row[0] for row in state(b)] == ["t1", "t2", "t3", "t4"]
+    assert state(clone) == state(b)
+    with b.reading() as s:
+        sites = {row[0].hex() for row in s.execute("SELECT site_id FROM crsql_changes")}
+    assert sites == {a.site_id}  # the clone's inherited changes keep their origin

@@ -289,7 +289,7 @@ def test_replicas_may_have_clocks_of_their_own_and_a_setup_hook():
 
     def setup(index, db, peer):
         opened.append((index, db))
-        peer.after_apply(lambda tx, merged: merged_keys.append((index, sorted(merged))))
+        db.on_merge(lambda tx, merged: merged_keys.append((index, sorted(merged))))
 
     merged_keys: list = []
     with Cluster(2, clock=clocks, setup=setup) as cluster:

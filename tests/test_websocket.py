@@ -113,7 +113,7 @@ def test_sync_with_url_reports_progress_per_page(open_db):
     calls = []
     with serve(hub) as server:
         peer = Peer(client, limits=Limits(page_changes=6))
-        result = sync_with_url(peer, server.url, progress=lambda pulled, pushed: calls.append((pulled, pushed)))
+        result = sync_with_url(peer, server.url, progress=lambda p: calls.append((p.pulled, p.pushed)))
     assert result.pushed == 36 and result.pages_sent >= 6
     assert len(calls) >= 6
     assert calls[-1] == (0, 36)
@@ -326,18 +326,22 @@ def test_data_version_poll_survives_a_failed_read(open_db, monkeypatch):
     must not stop the server from noticing other connections' writes for good."""
     import apsw
 
-    from sync.websocket import ChangeNotifier
+    from engine.notifier import ChangeNotifier
 
     hub, client = open_db("hub"), open_db("client")
     other_connection = open_db("hub")
     real = ChangeNotifier._data_version
     failures = []
 
-    def flaky(self):
+    class Busy:
+        def execute(self, sql):
+            raise apsw.BusyError("simulated: connection busy")
+
+    def flaky(self, watcher):
         if len(failures) < 3:
             failures.append(1)
-            raise apsw.BusyError("simulated: connection busy in another thread")
-        return real(self)
+            return real(self, Busy())
+        return real(self, watcher)
 
     monkeypatch.setattr(ChangeNotifier, "_data_version", flaky)
     with serve(hub) as server, connect(client, server.url) as live:

@@ -1,0 +1,186 @@
+"""One open WebSocket driven by one sync session, and the counters of its owner.
+
+A reader thread moves received frames into a bounded inbox; the owner's thread runs the
+session (the only thread touching it), sends what comes out, and on a wake (new commits,
+from `db.on_change`) asks the session for pages. Neither thread ever waits on the other side
+of the network while the other one needs it, so two peers pushing at each other cannot
+deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+
+from engine import Database
+
+from ..errors import TransportError
+from ..session import Session
+
+__all__ = ["Channel", "TransportStats", "CLOSE_TIMEOUT"]
+
+log = logging.getLogger("sync.websocket")
+
+CLOSE_TIMEOUT = 2.0
+_CLOSE_TOO_BIG = 1009
+
+
+class TransportStats:
+    """Counters of one server or client, safe to read from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.connections = 0
+        self.changes_sent = 0  # in pages the other side acknowledged
+        self.changes_received = 0  # in pages applied here (including already-known changes)
+        self.changes_applied = 0  # received changes that took effect here
+
+    def add(self, *, connections: int = 0, sent: int = 0, received: int = 0, applied: int = 0) -> None:
+        with self._lock:
+            self.connections += connections
+            self.changes_sent += sent
+            self.changes_received += received
+            self.changes_applied += applied
+
+    def __repr__(self) -> str:
+        return (
+            f"<TransportStats connections={self.connections} sent={self.changes_sent} "
+            f"received={self.changes_received} applied={self.changes_applied}>"
+        )
+
+
+
+_CLOSED = object()  # inbox token: the connection is gone
+_WAKE = object()  # inbox token: look at the wake flag
+_INBOX_FRAMES = 64  # a well-behaved peer has one page and one ack in flight; this bounds a flood
+
+
+class Channel:
+    """One open WebSocket driven by one session.
+
+    Not a context manager on purpose: `run()` is its whole life and always closes the socket and
+    joins the reader before returning. A reader thread moves received frames into a bounded
+    inbox; `run()` (on the owner's thread) is the only caller of the session: it feeds frames in, sends what comes out, and on a wake
+    (local commits) asks the session for pages. Neither thread ever waits on the other side of
+    the network while the other one needs it.
+    """
+
+    def __init__(self, ws: Any, session: Session, *, label: str, stats: TransportStats | None = None):
+        self.ws = ws
+        self.session = session
+        self.label = label
+        self.stats = stats
+        self.close_exc: ConnectionClosed | None = None
+        self._inbox: queue.Queue = queue.Queue(maxsize=_INBOX_FRAMES)
+        self._wake_pending = threading.Event()
+        self._counted = (0, 0, 0)
+
+    def wake(self) -> None:
+        """Local commits may exist: callable from any thread, never blocks, never lost."""
+        if not self._wake_pending.is_set():
+            self._wake_pending.set()
+            try:
+                self._inbox.put_nowait(_WAKE)
+            except queue.Full:
+                pass  # the loop checks the flag after every frame it takes out
+
+    def run(
+        self,
+        *,
+        db: Database | None = None,
+        idle_timeout: float | None = None,
+        on_progress: Callable[[Session], None] | None = None,
+    ) -> None:
+        """Drive the session until it finishes or the connection closes; always closes the socket.
+        With `db`, the session is woken (`local_changes()`) after every commit to it.
+
+        Raises:
+            TransportError: nothing arrived for `idle_timeout` seconds.
+        """
+        reader = threading.Thread(target=self._read, name=f"sync-ws-read {self.label}", daemon=True)
+        reader.start()
+        unsubscribe = db.on_change(self.wake) if db is not None else None
+        try:
+            self._send(self.session.start())
+            self.wake()
+            while not self.session.finished:
+                try:
+                    item = self._inbox.get(timeout=idle_timeout)
+                except queue.Empty:
+                    raise TransportError(f"{self.label}: nothing received for {idle_timeout:g}s") from None
+                if item is _CLOSED:
+                    break
+                if item is not _WAKE:
+                    self._send(self.session.receive(item))
+                if self._wake_pending.is_set() and not self.session.finished:
+                    self._wake_pending.clear()
+                    self._send(self.session.local_changes())
+                self._count()
+                if on_progress is not None:
+                    on_progress(self.session)
+        except ConnectionClosed as exc:
+            self.close_exc = self.close_exc or exc
+        finally:
+            if unsubscribe is not None:
+                unsubscribe()
+            self.ws.close()
+            self._drain_until_done(reader)
+            self._count()
+
+    def _drain_until_done(self, reader: threading.Thread) -> None:
+        """Wait for the reader to end, emptying the inbox so a reader blocked on a full inbox
+        (a flooding peer) can reach the closed socket and stop."""
+        deadline = time.monotonic() + CLOSE_TIMEOUT + 1
+        while reader.is_alive() and time.monotonic() < deadline:
+            try:
+                while True:
+                    self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            reader.join(0.05)
+        if reader.is_alive():
+            log.warning("%s: reader thread still running after close", self.label)
+
+    def _send(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            self.ws.send(frame)
+
+    def _read(self) -> None:
+        """Thread entry: frames into the inbox until the connection closes."""
+        try:
+            while True:
+                self._inbox.put(self.ws.recv(decode=False))
+        except ConnectionClosed as exc:
+            self.close_exc = exc
+        except Exception:
+            log.exception("%s: reading failed", self.label)
+            self.ws.close()
+        finally:
+            self._inbox.put(_CLOSED)
+
+    def _count(self) -> None:
+        """Add the session's progress since the last call to the owner's counters."""
+        if self.stats is None:
+            return
+        result = self.session.result
+        pushed, pulled, applied = self._counted
+        self.stats.add(sent=result.pushed - pushed, received=result.pulled - pulled, applied=result.applied - applied)
+        self._counted = (result.pushed, result.pulled, result.applied)
+
+    def closed_reason(self) -> str:
+        """Why the connection ended, in words (for errors and logs)."""
+        exc = self.close_exc
+        if exc is None:
+            return "closed"
+        frame = exc.rcvd or exc.sent
+        if frame is not None and frame.code == _CLOSE_TOO_BIG:
+            return "a message exceeded the size limit (WebSocket close 1009)"
+        if frame is None:
+            return "connection lost without a close frame"
+        return f"closed with code {frame.code}" + (f" ({frame.reason})" if frame.reason else "")
