@@ -12,15 +12,16 @@ costs one attribute read (`hops.ENABLED`) and nothing else:
 
 Hops, in the order a live write travels (a relay repeats the first five on the middle peer):
 
-    wake     a commit was noticed -> the connection's loop starts asking its session for pages
-             (commit listener or data_version poll, the notifier's thread, the loop's inbox)
+    notify   a commit through this database ended -> the connection was woken (the database's
+             change notifier: WAL hook, its thread, its listeners)
+    loop     the connection was woken -> its loop asks the session for pages (the loop's inbox)
     read     the session reads the next page from crsql_changes (Outbox.next_page)
     encode   the page becomes wire bytes
-    send     the frame is written to the socket
+    send     a frame (a page, or an ack on the way back) is written to the socket
     handoff  the socket's reader thread received a frame -> the loop takes it from the inbox
     decode   wire bytes become a message
-    merge    validation and INSERT INTO crsql_changes with the watermark, before COMMIT
-    commit   COMMIT of the merging transaction
+    merge    validation, INSERT INTO crsql_changes, watermark and merge listeners, before COMMIT
+    commit   COMMIT of the merging transaction (and the database's commit listeners)
 
 Times are per process (one registry per interpreter), in nanoseconds of `time.perf_counter_ns()`,
 which is CLOCK_MONOTONIC on Linux and so comparable between the processes of one machine.
@@ -36,7 +37,7 @@ import time
 __all__ = ["ENABLED", "HOPS", "now", "since", "add", "take"]
 
 ENABLED = os.environ.get("SYNC_HOPS", "") not in ("", "0")
-HOPS = ("wake", "read", "encode", "send", "handoff", "decode", "merge", "commit")
+HOPS = ("notify", "loop", "read", "encode", "send", "handoff", "decode", "merge", "commit")
 
 now = time.perf_counter_ns
 _lock = threading.Lock()
@@ -49,9 +50,12 @@ def add(hop: str, nanoseconds: int) -> None:
         _samples.setdefault(hop, []).append(nanoseconds)
 
 
-def since(hop: str, started: int) -> None:
-    """Record the time from `started` (a `now()` value) until now as one duration of `hop`."""
-    add(hop, now() - started)
+def since(hop: str, started: int) -> int:
+    """Record the time from `started` (a `now()` value) until now as one duration of `hop`;
+    returns now (the start of the next hop)."""
+    ended = now()
+    add(hop, ended - started)
+    return ended
 
 
 def take() -> dict[str, dict[str, float]]:

@@ -17,6 +17,7 @@ import msgspec
 
 from engine.database import Database, Session as Tx
 
+from . import hops
 from .changes import CHANGE_COLUMNS, INSERT_CHANGES, CrrSchema, Limits, report_merge
 from .outbox import EchoRanges
 from .errors import ApplyError, ProtocolError
@@ -85,6 +86,7 @@ class Inbox:
             ProtocolError: a gap (the page starts after our watermark), parts out of order.
             ApplyError: the staged parts vanished before the last one arrived.
         """
+        started = hops.now() if hops.ENABLED else 0
         self.schema.validate(page.rows, page.since, page.upto)
         watermark = peer_record(self.db, self.sender).received
         if page.part or page.more_parts:
@@ -102,6 +104,10 @@ class Inbox:
             writes = tx.connection.total_changes()  # a listener may write local changes at these versions
             report_merge(self.db, tx, ((r[0], r[1]) for r in page.rows))
             pure = tx.connection.total_changes() == writes
+            if started:
+                started = hops.since("merge", started)
+        if started:
+            hops.since("commit", started)
         merged = (before, high) if impacted and pure else None
         return ApplyOutcome(max(watermark, page.upto), impacted, True, merged)
 

@@ -85,6 +85,7 @@ import msgspec
 
 from engine.errors import EngineError
 
+from . import hops
 from .changes import Limits
 from .errors import ApplyError, AuthError, DuplicateSiteError, ProtocolError, SchemaMismatchError, SyncError, refusal
 from .inbox import Inbox
@@ -177,7 +178,10 @@ class Session:
         if self.finished or self._closed:
             return []
         try:
+            started = hops.now() if hops.ENABLED else 0
             message = decode(data, max_bytes=self.limits.max_message_bytes)
+            if started:
+                hops.since("decode", started)
             self.result.bytes_received += len(data)
             return self._dispatch(message)
         except SyncError as error:
@@ -377,10 +381,15 @@ class Session:
         """The next page if none is in flight and there is something to send."""
         if self._in_flight is not None or self._outbox is None:
             return []
+        started = hops.now() if hops.ENABLED else 0
         page = self._outbox.next_page(marker=not self._send_done)
         if page is None:
             return []
+        if started:
+            started = hops.since("read", started)
         data = self._encode(page)
+        if started:
+            hops.since("encode", started)
         if len(data) > self.limits.max_message_bytes:
             raise ProtocolError(
                 f"a page of {len(page.rows)} changes encodes to {len(data)} bytes, above the "

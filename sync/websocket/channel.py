@@ -10,6 +10,7 @@ deadlock.
 from __future__ import annotations
 
 import logging
+import collections
 import queue
 import threading
 import time
@@ -20,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from engine import Database
 
+from .. import hops
 from ..errors import TransportError
 from ..session import Session
 
@@ -80,10 +82,19 @@ class Channel:
         self._inbox: queue.Queue = queue.Queue(maxsize=_INBOX_FRAMES)
         self._wake_pending = threading.Event()
         self._counted = (0, 0, 0)
+        # sync.hops timing points (only with hops.ENABLED): when the last commit ended, when
+        # wake() was called, and when each frame still in the inbox was received
+        self._committed_ns = self._woken_ns = 0
+        self._received_ns: collections.deque[int] = collections.deque()
 
     def wake(self) -> None:
         """Local commits may exist: callable from any thread, never blocks, never lost."""
         if not self._wake_pending.is_set():
+            if hops.ENABLED:
+                self._woken_ns = hops.now()
+                if self._committed_ns:
+                    hops.add("notify", self._woken_ns - self._committed_ns)
+                    self._committed_ns = 0
             self._wake_pending.set()
             try:
                 self._inbox.put_nowait(_WAKE)
@@ -106,6 +117,7 @@ class Channel:
         reader = threading.Thread(target=self._read, name=f"sync-ws-read {self.label}", daemon=True)
         reader.start()
         unsubscribe = db.on_change(self.wake) if db is not None else None
+        unstamp = db.on_commit(self._stamp_commit) if db is not None and hops.ENABLED else None
         try:
             self._send(self.session.start())
             self.wake()
@@ -117,9 +129,14 @@ class Channel:
                 if item is _CLOSED:
                     break
                 if item is not _WAKE:
+                    if hops.ENABLED:
+                        hops.since("handoff", self._received_ns.popleft())
                     self._send(self.session.receive(item))
                 if self._wake_pending.is_set() and not self.session.finished:
                     self._wake_pending.clear()
+                    if hops.ENABLED and self._woken_ns:
+                        hops.since("loop", self._woken_ns)
+                        self._woken_ns = 0
                     self._send(self.session.local_changes())
                 self._count()
                 if on_progress is not None:
@@ -129,6 +146,8 @@ class Channel:
         finally:
             if unsubscribe is not None:
                 unsubscribe()
+            if unstamp is not None:
+                unstamp()
             self.ws.close()
             self._drain_until_done(reader)
             self._count()
@@ -149,13 +168,23 @@ class Channel:
 
     def _send(self, frames: list[bytes]) -> None:
         for frame in frames:
+            started = hops.now() if hops.ENABLED else 0
             self.ws.send(frame)
+            if started:
+                hops.since("send", started)
+
+    def _stamp_commit(self) -> None:
+        """sync.hops: a commit through this database just ended (the start of `notify`)."""
+        self._committed_ns = hops.now()
 
     def _read(self) -> None:
         """Thread entry: frames into the inbox until the connection closes."""
         try:
             while True:
-                self._inbox.put(self.ws.recv(decode=False))
+                frame = self.ws.recv(decode=False)
+                if hops.ENABLED:
+                    self._received_ns.append(hops.now())
+                self._inbox.put(frame)
         except ConnectionClosed as exc:
             self.close_exc = exc
         except Exception:
