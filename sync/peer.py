@@ -17,7 +17,6 @@ from collections.abc import Callable
 from engine.database import Database
 
 from .changes import CrrSchema, Limits
-from .inbox import ensure_staging
 from .watermarks import PeerWatermark, ensure_tables, watermarks
 from .errors import ProtocolError
 from .progress import ProgressCallback, ProgressMeter
@@ -38,7 +37,6 @@ class Peer:
         self.token = token
         self.limits = limits or Limits()
         ensure_tables(db)
-        ensure_staging(db)
         self._schema_facts: tuple[int, CrrSchema, str, int] | None = None
 
     def _facts(self) -> tuple[int, CrrSchema, str, int]:
@@ -75,9 +73,12 @@ class Peer:
         token: str | None = None,
         live: bool = False,
         progress: Callable[[SyncResult], None] | None = None,
+        eager: bool = False,
     ) -> Session:
-        """A new protocol session for one connection (see sync.session for the contract)."""
-        return Session(self, Role(role), token=token, live=live, limits=self.limits, progress=progress)
+        """A new protocol session for one connection (see sync.session for the contract, and
+        for `eager`)."""
+        return Session(self, Role(role), token=token, live=live, limits=self.limits, progress=progress,
+                       eager=eager)
 
     def sync_with(
         self, target: "Peer | str", *, token: str | None = None, progress: ProgressCallback | None = None
@@ -102,8 +103,10 @@ class Peer:
             raise TypeError(f"sync target must be a Peer or a ws:// URL, not {type(target).__name__}")
         if target.db is self.db:
             raise ValueError("a peer cannot sync with itself")
-        client = self.session(Role.CLIENT, token=token, progress=ProgressMeter.wrap(progress))
-        server = target.session(Role.SERVER)
+        # one thread drives both sessions to the end of the round, doing nothing else: merges
+        # of groups in parts may stay open between messages (eager)
+        client = self.session(Role.CLIENT, token=token, progress=ProgressMeter.wrap(progress), eager=True)
+        server = target.session(Role.SERVER, eager=True)
         run_in_process(client, server)
         return client.result
 

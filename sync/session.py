@@ -18,7 +18,16 @@ Send:     send every `bytes` in `out`, in order, before feeding the next message
           Error message in `out` and `session.failed` becomes true.
 Close:    after sending `out`, close the connection when `session.finished` is true
           (round complete in one-shot mode, or failed). Always call `session.close()` at
-          the end (idempotent; it drops the session's temporary tables and staging rows).
+          the end, from the same thread (idempotent; it ends the session's reads, drops a
+          group still in parts and rolls back its open merge).
+Eager:    `eager=True` on creation lets a group that arrives in parts be merged part by part
+          into one write transaction held open until its last part (instead of merging it
+          all when the last part arrives): the receiver merges while the sender reads. Only
+          for transports whose session thread does nothing else between messages, since that
+          transaction holds the database's write lock, and which keep this promise: while
+          `session.holding_merge` is true, if no message arrived for
+          `session.limits.merge_patience` seconds, call `out = session.release_merge()`
+          (the merge is rolled back and redone at the last part; other writers go on).
 Outcome:  `session.result` (a `SyncResult`, updated live: pulled/pushed counts, bytes,
           remote site; `progress=fn` on creation calls fn(result) after every page) and
           `session.error` (a `SyncError` or None); `session.raise_for_error()` raises it.
@@ -68,8 +77,8 @@ before anything is read or applied. A peer of the recorded incarnation that anno
 db_version below the watermark (its file lost commits) has its changes read again from 0
 (idempotent).
 
-Threading: a Session is not thread-safe. Call its methods from one thread (or under one
-lock per session). Many sessions may share one Peer and one Database.
+Threading: a Session is not thread-safe. Call its methods from one thread (one thread for
+the session's life when `eager`). Many sessions may share one Peer and one Database.
 """
 
 from __future__ import annotations
@@ -141,7 +150,8 @@ class Session:
     """One side of one sync connection; see the module docstring for the transport contract."""
 
     def __init__(self, peer: "Peer", role: Role, *, token: str | None = None, live: bool = False,
-                 limits: Limits | None = None, progress: Callable[[SyncResult], None] | None = None):
+                 limits: Limits | None = None, progress: Callable[[SyncResult], None] | None = None,
+                 eager: bool = False):
         self.peer = peer
         self.db = peer.db
         self.role = Role(role)
@@ -149,6 +159,7 @@ class Session:
         self.live = live
         self.limits = limits or peer.limits
         self.progress = progress
+        self.eager = eager
         self.state = State.HANDSHAKE
         self.error: SyncError | None = None
         self.result = SyncResult()
@@ -203,8 +214,28 @@ class Session:
         except apsw.Error as error:
             return self._fail(ApplyError(f"reading changes failed on this replica: {error}"), exc=error)
 
+    @property
+    def holding_merge(self) -> bool:
+        """True while a group sent in parts is being merged in a transaction held open between
+        messages (`eager` sessions): the transport must call `release_merge()` when no message
+        arrived for `limits.merge_patience` seconds."""
+        return self._inbox is not None and self._inbox.holding_merge
+
+    def release_merge(self) -> list[bytes]:
+        """The peer went quiet in the middle of a group: let other writers in (the group goes on,
+        merged when its last part arrives). Returns the messages to send (an Error, if the
+        database failed)."""
+        if self._inbox is None or self._closed:
+            return []
+        try:
+            self._inbox.release()
+        except apsw.Error as error:
+            return self._fail(ApplyError(f"rolling back a merge failed on this replica: {error}"), exc=error)
+        return []
+
     def close(self) -> None:
-        """Release the session's temporary tables and staged parts. Idempotent."""
+        """Release the session's reads, group parts and open merge. Idempotent; call it from the
+        thread that drives the session (an open merge holds that thread's write lock)."""
         if self._closed:
             return
         self._closed = True
@@ -262,7 +293,8 @@ class Session:
         self.remote = hello
         self.result.remote_site = hello.site_id
         self.result.remote_db_version = hello.db_version
-        self._inbox = Inbox(self.db, hello.site_id, self.peer.schema, self.limits, hello.incarnation)
+        self._inbox = Inbox(self.db, hello.site_id, self.peer.schema, self.limits, hello.incarnation,
+                            eager=self.eager)
         held = self._held_record(hello)
         self.result.pull_from = self.result.pulled_upto = held.received
         if self.role is Role.SERVER:

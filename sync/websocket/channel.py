@@ -121,14 +121,19 @@ class Channel:
         try:
             self._send(self.session.start())
             self.wake()
+            last_frame = time.monotonic()
             while not self.session.finished:
                 try:
-                    item = self._inbox.get(timeout=idle_timeout)
+                    item = self._inbox.get(timeout=self._timeout(idle_timeout, last_frame))
                 except queue.Empty:
+                    if self.session.holding_merge and self._patience(last_frame) <= 0:
+                        self._send(self.session.release_merge())  # a quiet peer mid-group
+                        continue
                     raise TransportError(f"{self.label}: nothing received for {idle_timeout:g}s") from None
                 if item is _CLOSED:
                     break
                 if item is not _WAKE:
+                    last_frame = time.monotonic()
                     if hops.ENABLED:
                         hops.since("handoff", self._received_ns.popleft())
                     self._send(self.session.receive(item))
@@ -151,6 +156,18 @@ class Channel:
             self.ws.close()
             self._drain_until_done(reader)
             self._count()
+
+    def _patience(self, last_frame: float) -> float:
+        """Seconds left before an open merge must be released (see Session.holding_merge)."""
+        return self.session.limits.merge_patience - (time.monotonic() - last_frame)
+
+    def _timeout(self, idle_timeout: float | None, last_frame: float) -> float | None:
+        """How long the loop may wait for the next item: the idle timeout, shorter while the
+        session holds a merge open (it must not hold the write lock for a silent peer)."""
+        if not self.session.holding_merge:
+            return idle_timeout
+        patience = max(0.0, self._patience(last_frame))
+        return patience if idle_timeout is None else min(idle_timeout, patience)
 
     def _drain_until_done(self, reader: threading.Thread) -> None:
         """Wait for the reader to end, emptying the inbox so a reader blocked on a full inbox
