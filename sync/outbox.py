@@ -99,7 +99,7 @@ class _Stream:
         self._cursor: Any = None
         self._table: str | None = None
         self._last_rowid = 0
-        self._done = False
+        self._rows = self._read()  # one iterator for the stream's life: it keeps the position
 
     @classmethod
     def open(cls, db: Database, after: int, ceiling: int | None, query: Callable[[int, int], tuple[str, tuple]]
@@ -153,7 +153,7 @@ class _Stream:
         count, size = len(buffer), sum(map(_row_size, buffer))
         if count > max_rows or size > max_bytes or (version is not None and buffer and buffer[-1][5] != version):
             return True
-        for row in self._rows():
+        for row in self._rows:
             buffer.append(row)
             count += 1
             size += _row_size(row)
@@ -161,16 +161,13 @@ class _Stream:
                 return True
         return False
 
-    def _rows(self) -> Iterator[tuple]:
-        if self._done:
-            return
+    def _read(self) -> Iterator[tuple]:
         if self._cursor is not None:
             for row in self._cursor:
                 self.rows_read += 1
                 yield row
         else:
             yield from self._table_rows()
-        self._done = True
 
     def _table_rows(self) -> Iterator[tuple]:
         while True:
