@@ -55,8 +55,11 @@ class Limits(msgspec.Struct, frozen=True):
     page_changes: int = 10_000
     page_bytes: int = 4 * 1024 * 1024
     max_message_bytes: int = MAX_MESSAGE_BYTES
-    # seconds a transport lets a group's merge hold the write lock waiting for its next part
-    # (sessions with `eager` merging, see sync.session and sync.inbox)
+    # pages in flight per direction on streaming transports (see sync.session): the sender
+    # reads ahead while the receiver merges; memory O(window x page)
+    window: int = 3
+    # seconds a streaming transport lets a group's merge hold the write lock waiting for its
+    # next part (see sync.session and sync.inbox)
     merge_patience: float = 0.5
 
 

@@ -211,7 +211,9 @@ class Outbox:
 
     `since` is the receiver's watermark for us. `acked` only moves with acknowledgements;
     `scanned` may run ahead of it over versions holding nothing for the receiver (its own
-    changes), which pages may cover without saying so: a page's range starts at `acked`.
+    changes), which pages may cover without saying so. A page's range starts where the
+    previous page's ended (`produced`; pages may be in flight unacknowledged, see
+    sync.session), or at `acked` if that is further.
     """
 
     def __init__(self, db: Database, receiver: str, since: int, limits: Limits,
@@ -221,7 +223,7 @@ class Outbox:
         self.limits = limits
         self.echo = echo if echo is not None else EchoRanges()
         self._own = site_bytes(db.site_id)
-        self.acked = self.scanned = self.sent_upto = self.claimed = since
+        self.acked = self.scanned = self.sent_upto = self.claimed = self.produced = since
         self.ceiling: int | None = None  # read nothing newer than this db_version (file export)
         self._read_before = 0  # rows read by streams already closed
         self._stream: _Stream | None = None
@@ -241,8 +243,9 @@ class Outbox:
                 # Nothing new to read. An empty page still moves the receiver's watermark over
                 # versions that held nothing for it (its own changes, echoes), so the next
                 # session does not re-read them; and it ends an initial round (`marker`).
-                # Versions the receiver was told it holds (`claimed`) need no page.
-                if marker or max(self.acked, self.claimed) < snap:
+                # Versions the receiver was told it holds (`claimed`) or that a page in flight
+                # covers (`produced`) need no page.
+                if marker or max(self.acked, self.claimed, self.produced) < snap:
                     return self._page([], snap, caught_up=True)
                 return None
         if self._split is not None:
@@ -259,7 +262,7 @@ class Outbox:
         while cut > 0 and rows[cut - 1][5] == last:
             cut -= 1
         if cut == 0:  # one group alone passes the bound: it goes in parts
-            self._split = _Split(last, self.acked)
+            self._split = _Split(last, self._since())
             return self._next_part()
         stream.buffer = rows[cut:]
         self.scanned = last - 1  # versions between the page's rows and `last` hold nothing for the receiver
@@ -285,6 +288,7 @@ class Outbox:
         if not more:
             self._split = None
             self.scanned = max(self.scanned, split.version)
+            self.produced = max(self.produced, split.version)
             if not stream.buffer and stream.fill(0, 0) is False:
                 self._end_stream()
         return page
@@ -315,6 +319,11 @@ class Outbox:
         if self._stream is not None:
             self._end_stream()
 
+    def _since(self) -> int:
+        return max(self.acked, self.produced)
+
     def _page(self, rows: list[tuple], upto: int, *, caught_up: bool = False) -> Changes:
+        page = Changes(since=self._since(), upto=upto, rows=rows, caught_up=caught_up)
         self.sent_upto = max(self.sent_upto, upto)
-        return Changes(since=self.acked, upto=upto, rows=rows, caught_up=caught_up)
+        self.produced = max(self.produced, upto)
+        return page

@@ -73,12 +73,12 @@ class Peer:
         token: str | None = None,
         live: bool = False,
         progress: Callable[[SyncResult], None] | None = None,
-        eager: bool = False,
+        streaming: bool = False,
     ) -> Session:
         """A new protocol session for one connection (see sync.session for the contract, and
-        for `eager`)."""
+        for what `streaming` promises)."""
         return Session(self, Role(role), token=token, live=live, limits=self.limits, progress=progress,
-                       eager=eager)
+                       streaming=streaming)
 
     def sync_with(
         self, target: "Peer | str", *, token: str | None = None, progress: ProgressCallback | None = None
@@ -103,10 +103,10 @@ class Peer:
             raise TypeError(f"sync target must be a Peer or a ws:// URL, not {type(target).__name__}")
         if target.db is self.db:
             raise ValueError("a peer cannot sync with itself")
-        # one thread drives both sessions to the end of the round, doing nothing else: merges
-        # of groups in parts may stay open between messages (eager)
-        client = self.session(Role.CLIENT, token=token, progress=ProgressMeter.wrap(progress), eager=True)
-        server = target.session(Role.SERVER, eager=True)
+        # in order, one thread driving both sessions to the end of the round and nothing else:
+        # a streaming transport (a merge is never left waiting for a silent peer)
+        client = self.session(Role.CLIENT, token=token, progress=ProgressMeter.wrap(progress), streaming=True)
+        server = target.session(Role.SERVER, streaming=True)
         run_in_process(client, server)
         return client.result
 

@@ -4,7 +4,7 @@ The receiving side runs in a child process that kills itself at a chosen point:
   - "mid-insert": an SQLite progress handler fires once a page's executemany wrote 100 rows;
   - "before-commit": the after-apply hook, after every row of the page is inserted;
   - "between-parts": after some parts of a split transaction arrived (spilled to a file that
-    dies with the process; with `eager`, also merged into a transaction that never commits).
+    dies with the process; with `streaming`, also merged into a transaction that never commits).
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ CHILD = textwrap.dedent(
     from sync.protocol import Changes, decode
 
     source, target, mode, at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    eager = sys.argv[5] == "eager"
+    streaming = sys.argv[5] == "streaming"
     a, b = Database.open(source), Database.open(target)
     limits = Limits(page_changes=600)
     peer = Peer(b, limits=limits)
     die = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
-    client = peer.session("client", eager=eager)
+    client = peer.session("client", streaming=streaming)
     receive, seen = client.receive, []
 
     def watch(data):
@@ -74,16 +74,16 @@ def transactions(db) -> None:
             )
 
 
-def kill_child(source: Path, target: Path, mode: str, at: int, eager: bool) -> None:
+def kill_child(source: Path, target: Path, mode: str, at: int, streaming: bool) -> None:
     child = subprocess.run(
-        [sys.executable, "-c", CHILD, str(source), str(target), mode, str(at), "eager" if eager else "spill"],
+        [sys.executable, "-c", CHILD, str(source), str(target), mode, str(at), "streaming" if streaming else "spill"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
 
 
 @pytest.mark.parametrize(
-    "mode, at, survivors, eager",
+    "mode, at, survivors, streaming",
     [
         ("mid-insert", 1, [], False),                    # page 1 = tx "one" (300 changes)
         ("before-commit", 2, ["one"], False),            # page 2 = tx "two"
@@ -92,12 +92,12 @@ def kill_child(source: Path, target: Path, mode: str, at: int, eager: bool) -> N
         ("before-commit", 5, ["one", "two"], True),      # all parts merged, last one's listener
     ],
 )
-def test_a_killed_receiver_stays_consistent_and_resyncs(open_db, tmp_path, mode, at, survivors, eager):
+def test_a_killed_receiver_stays_consistent_and_resyncs(open_db, tmp_path, mode, at, survivors, streaming):
     a = open_db("a")
     transactions(a)
     source, target = tmp_path / "a.db", tmp_path / "b.db"
     open_db("b").close()  # create and migrate b, then let the child own it
-    kill_child(source, target, mode, at, eager)
+    kill_child(source, target, mode, at, streaming)
 
     b = open_db("b")
     names = sorted({row[2] for row in state(b)})

@@ -53,7 +53,7 @@ def _group_versions(db, prefix: str) -> list[tuple]:
 def test_an_eager_merge_holds_one_transaction_until_the_last_part(open_db):
     a, b = open_db("a"), open_db("b")
     bulk_insert(a, 300, name="g")  # 900 changes: 9 parts
-    client = Peer(b, limits=LIMITS).session(Role.CLIENT, eager=True)
+    client = Peer(b, limits=LIMITS).session(Role.CLIENT, streaming=True)
     server = Peer(a, limits=LIMITS).session(Role.SERVER)
     held = []
     for target, message in _round(client, server):
@@ -71,7 +71,7 @@ def test_an_eager_merge_holds_one_transaction_until_the_last_part(open_db):
 def test_a_released_merge_lets_writers_in_and_the_group_still_arrives_whole(open_db):
     a, b = open_db("a"), open_db("b")
     bulk_insert(a, 300, name="g")
-    client = Peer(b, limits=LIMITS).session(Role.CLIENT, eager=True)
+    client = Peer(b, limits=LIMITS).session(Role.CLIENT, streaming=True)
     server = Peer(a, limits=LIMITS).session(Role.SERVER)
     for target, message in _round(client, server):
         if target is client and isinstance(message, Changes) and message.part == 4:
@@ -134,3 +134,29 @@ def test_an_in_memory_replica_sends_pages_and_parts_and_receives_groups(open_db)
         assert (again.pulled, again.pushed) == (0, 0)
     finally:
         memory.close()
+
+
+def test_a_streaming_sender_keeps_a_window_of_pages_in_flight(open_db):
+    a, b = open_db("a"), open_db("b")
+    for k in range(30):
+        bulk_insert(a, 1 + k % 4, prefix=f"k{k}-")  # groups of 3..12 changes
+    bulk_insert(a, 100, prefix="big-")  # and one of 300: parts
+    limits = Limits(page_changes=20, window=3)
+    client = Peer(b, limits=limits).session(Role.CLIENT, streaming=True)
+    server = Peer(a, limits=limits).session(Role.SERVER, streaming=True)
+    in_flight, most, pages = 0, 0, []
+    for target, message in _round(client, server):
+        if isinstance(message, Changes) and target is client:
+            pages.append(message)
+            in_flight += 1
+            most = max(most, in_flight)
+        elif type(message).__name__ == "Ack" and target is server:
+            in_flight -= 1
+    client.close()
+    server.close()
+    assert most == 3 and client.error is None and server.error is None
+    whole = [p for p in pages if not p.part and not p.more_parts]
+    for before, after in zip(pages, pages[1:]):  # each page starts where the previous one ended
+        if not before.more_parts:
+            assert after.since == before.upto
+    assert len(whole) > 5 and state(b) == state(a)

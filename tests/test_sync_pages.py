@@ -73,10 +73,10 @@ def test_a_group_larger_than_a_page_goes_in_parts_and_merges_at_once(cluster):
                          "(SELECT pk FROM crsql_changes WHERE cid = 'name' AND val LIKE 'n%')") == [(1,)]
 
 
-def _sync_watching_pages(a, b, limits: Limits, *, eager: bool = False) -> dict:
+def _sync_watching_pages(a, b, limits: Limits, *, streaming: bool = False) -> dict:
     """A full in-process round b <- a; returns the largest page seen (rows, bytes)."""
-    client = Peer(b, limits=limits).session("client", eager=eager)
-    server = Peer(a, limits=limits).session("server")
+    client = Peer(b, limits=limits).session("client", streaming=streaming)
+    server = Peer(a, limits=limits).session("server", streaming=streaming)
     largest = {"bytes": 0, "rows": 0}
     receive = client.receive
 
@@ -94,14 +94,14 @@ def _sync_watching_pages(a, b, limits: Limits, *, eager: bool = False) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("eager", [False, True], ids=["spilled", "merged-as-it-arrives"])
-def test_a_200k_change_transaction_goes_in_bounded_pages_and_merges_whole(open_db, eager):
+@pytest.mark.parametrize("streaming", [False, True], ids=["spilled", "merged-as-it-arrives"])
+def test_a_200k_change_transaction_goes_in_bounded_pages_and_merges_whole(open_db, streaming):
     """One transaction of BIG_GROUP changes (200k by default): every message stays within
     the page bound, the receiver merges the group in one transaction (from the spilled parts,
     or part by part into a transaction held open until the last one)."""
     a, b = open_db("a"), open_db("b")
     bulk_insert(a, BIG_GROUP // 3)
-    largest = _sync_watching_pages(a, b, Limits(page_changes=5000), eager=eager)
+    largest = _sync_watching_pages(a, b, Limits(page_changes=5000), streaming=streaming)
     assert largest["result"].pulled == 3 * (BIG_GROUP // 3)
     assert largest["result"].pages_received >= BIG_GROUP // 5000
     assert largest["rows"] <= 5000 and largest["bytes"] < 600_000

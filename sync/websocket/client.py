@@ -93,7 +93,7 @@ def sync_with_url(
         SyncError: a refusal, as the subclass that says why (`AuthError`, `SchemaMismatchError`,
             `ProtocolError`, ... — see sync.errors).
     """
-    session = peer.session(Role.CLIENT, token=token, live=False, progress=ProgressMeter.wrap(progress), eager=True)
+    session = peer.session(Role.CLIENT, token=token, live=False, progress=ProgressMeter.wrap(progress), streaming=True)
     try:
         ws = _open(url, max_size=max_size, open_timeout=open_timeout)
         channel = Channel(ws, session, label=f"sync {url}")
@@ -210,7 +210,7 @@ class LiveClient:
                 ws.close()
                 return False
             self._ws = ws
-        session = self.peer.session(Role.CLIENT, token=self.token, live=True, eager=True)
+        session = self.peer.session(Role.CLIENT, token=self.token, live=True, streaming=True)
         channel = Channel(ws, session, label=f"live {self.url}", stats=self.stats)
         self.stats.add(connections=1)
         try:

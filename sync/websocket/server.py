@@ -65,7 +65,7 @@ class SyncServer:
         """Connection entry (one thread each, started by websockets): run one session."""
         self.stats.add(connections=1)
         label = f"server :{self.port} <- {_address(ws)}"
-        session = self.peer.session(Role.SERVER, eager=True)
+        session = self.peer.session(Role.SERVER, streaming=True)
         channel = Channel(ws, session, label=label, stats=self.stats)
         try:
             channel.run(db=self.db)
