@@ -8,7 +8,8 @@ one JSON object per line; each reply is one JSON line (`{"ok": ...}` or `{"error
 `seen` notices (B5) are extra lines written whenever an expected row becomes visible.
 
 Commands:
-    open path            open (creating) a replica at `path` with the benchmarks' manual clock
+    open path [audit]    open (creating) a replica at `path` with the benchmarks' manual clock
+                         (the conflict audit off unless `audit` is true, as in bench.data)
     serve                serve it over WebSocket on a free loopback port; reply the URL
     connect url          keep it in live sync with `url`; reply once connected and caught up
     pull url             one sync round with `url` (timed here, reply seconds and counts)
@@ -38,8 +39,7 @@ if __package__ in (None, ""):
 
 from engine import Database, ManualClock  # noqa: E402
 
-from bench.data import INSERT_EVENT, NOW_MS  # noqa: E402
-from bench.replication import TOKEN  # noqa: E402
+from bench.data import INSERT_EVENT, NOW_MS, TOKEN  # noqa: E402
 
 __all__ = ["Agent", "Remote", "main"]
 
@@ -116,7 +116,8 @@ class Agent:
     def handle(self, command: dict) -> Any:
         op = command["op"]
         if op == "open":
-            self.db = Database.open(command["path"], clock=ManualClock(start_ms=NOW_MS))
+            self.db = Database.open(command["path"], clock=ManualClock(start_ms=NOW_MS),
+                                    audit=command.get("audit", False))
             return self.db.site_id
         if op == "serve":
             import sync

@@ -24,9 +24,9 @@ from __future__ import annotations
 import sync
 
 from .agent import Remote
-from .data import CHANGES_PER_EVENT, Workspace, count_changes, raw_copy
+from .data import CHANGES_PER_EVENT, TOKEN, Workspace, count_changes, raw_copy
 from .harness import Row, Sample, measure_pair, ratio_row, stopwatch
-from .replication import TOKEN, sync_facts, receiver_digest, sync_trials
+from .replication import receiver_digest, sync_facts, sync_trials
 
 __all__ = ["b8_huge_transaction", "IN_PROCESS_LIMIT", "WEBSOCKET_LIMIT"]
 
