@@ -2,7 +2,8 @@
 
 A reader thread moves received frames into a bounded inbox; the owner's thread runs the
 session (the only thread touching it), sends what comes out, and on a wake (new commits,
-from `db.on_change`) asks the session for pages. Neither thread ever waits on the other side
+from `db.on_commit` at once or `db.on_change` for any other writer) asks the session for
+pages. Neither thread ever waits on the other side
 of the network while the other one needs it, so two peers pushing at each other cannot
 deadlock.
 """
@@ -116,8 +117,11 @@ class Channel:
         """
         reader = threading.Thread(target=self._read, name=f"sync-ws-read {self.label}", daemon=True)
         reader.start()
+        # on_change sees every commit to the file (its notifier thread wakes us); on_commit runs
+        # on the committing thread right after a commit through this Database object, which
+        # spares a local write or a relayed merge the hop through that thread
         unsubscribe = db.on_change(self.wake) if db is not None else None
-        unstamp = db.on_commit(self._stamp_commit) if db is not None and hops.ENABLED else None
+        uncommit = db.on_commit(self._on_commit) if db is not None else None
         try:
             self._send(self.session.start())
             self.wake()
@@ -151,8 +155,8 @@ class Channel:
         finally:
             if unsubscribe is not None:
                 unsubscribe()
-            if unstamp is not None:
-                unstamp()
+            if uncommit is not None:
+                uncommit()
             self.ws.close()
             self._drain_until_done(reader)
             self._count()
@@ -190,9 +194,11 @@ class Channel:
             if started:
                 hops.since("send", started)
 
-    def _stamp_commit(self) -> None:
-        """sync.hops: a commit through this database just ended (the start of `notify`)."""
-        self._committed_ns = hops.now()
+    def _on_commit(self) -> None:
+        """A commit through this database just ended (on the committing thread)."""
+        if hops.ENABLED:
+            self._committed_ns = hops.now()
+        self.wake()
 
     def _read(self) -> None:
         """Thread entry: frames into the inbox until the connection closes."""
