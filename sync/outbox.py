@@ -113,6 +113,7 @@ class _Stream:
             if db.in_memory:
                 return cls._open_table(db, lease, session, after, ceiling, query)
             connection = session.connection
+            lease.callback(_end_read, connection)  # before the reader goes back to the pool
             connection.execute("BEGIN DEFERRED")
             snap = cls._snapshot(connection, after, ceiling)
             if snap == after:
@@ -187,15 +188,18 @@ class _Stream:
         try:
             if self._cursor is not None:
                 self._cursor.close()
-                connection = self._session.connection
-                if connection.in_transaction:
-                    connection.execute("COMMIT")
             elif self._table is not None:
                 with self.db.reading(self._session) as s:
                     s.execute(f'DROP TABLE IF EXISTS temp."{self._table}"')
         finally:
             self._cursor = self._table = None
             self._lease.close()
+
+
+def _end_read(connection: Any) -> None:
+    """End a lent reader's read transaction: a reader still in one is closed, not pooled."""
+    if connection.in_transaction:
+        connection.execute("COMMIT")
 
 
 class _Split(msgspec.Struct):

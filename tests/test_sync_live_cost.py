@@ -168,3 +168,19 @@ def test_a_carried_group_is_sent_even_when_nothing_newer_exists(open_db):
     assert read == 27
     write(a, "UPDATE topics SET name = 'z' WHERE id = 'x0'")  # x0.name moves from the first group to a new one
     assert [len(p.rows) for p in _read_all(a, Limits(page_changes=20))[0]] == [14, 13]
+
+
+def test_reading_pages_gives_the_reader_back_to_the_pool(open_db):
+    """A live sender checks for new commits often: its read must not cost a new connection."""
+    a = open_db("a")
+    ensure_tables(a)
+    topic(a, "t1")
+    outbox = Outbox(a, "0" * 32, 0, Limits())
+    with a.borrow_reader() as reader:
+        pooled = reader.connection
+    assert len(outbox.next_page(marker=False).rows) == 3  # something new
+    assert outbox.next_page(marker=False) is None  # nothing new
+    outbox.acknowledged(a.db_version)
+    assert outbox.next_page(marker=False) is None
+    with a.borrow_reader() as reader:
+        assert reader.connection is pooled and not pooled.in_transaction
