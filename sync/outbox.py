@@ -99,7 +99,7 @@ class _Stream:
         self._cursor: Any = None
         self._table: str | None = None
         self._last_rowid = 0
-        self._rows = self._read()  # one iterator for the stream's life: it keeps the position
+        self._rows: Iterator[tuple] = iter(())  # set by open(): one iterator for the stream's life
 
     @classmethod
     def open(cls, db: Database, after: int, ceiling: int | None, query: Callable[[int, int], tuple[str, tuple]]
@@ -121,6 +121,7 @@ class _Stream:
                 return None, snap
             stream = cls(db, lease, session, snap)
             stream._cursor = connection.execute(*query(after, snap))
+            stream._rows = iter(stream._cursor)
             return stream, snap
         except BaseException:
             lease.close()
@@ -137,6 +138,7 @@ class _Stream:
             stream._table = f"__sync_out_{next(_temp_names)}"
             sql, params = query(after, snap)
             s.execute(f'CREATE TEMP TABLE "{stream._table}" AS {sql}', params)
+        stream._rows = stream._table_rows()
         return stream, snap
 
     @staticmethod
@@ -154,21 +156,18 @@ class _Stream:
         count, size = len(buffer), sum(map(_row_size, buffer))
         if count > max_rows or size > max_bytes or (version is not None and buffer and buffer[-1][5] != version):
             return True
-        for row in self._rows:
-            buffer.append(row)
-            count += 1
-            size += _row_size(row)
-            if count > max_rows or size > max_bytes or (version is not None and row[5] != version):
-                return True
-        return False
-
-    def _read(self) -> Iterator[tuple]:
-        if self._cursor is not None:
-            for row in self._cursor:
-                self.rows_read += 1
-                yield row
-        else:
-            yield from self._table_rows()
+        append, text, start = buffer.append, (str, bytes), count
+        try:
+            for row in self._rows:  # the hot loop of a bulk sync: _row_size inlined
+                append(row)
+                count += 1
+                value = row[3]
+                size += (len(value) if value.__class__ in text else 9) + len(row[0]) + len(row[1]) + len(row[2]) + 48
+                if count > max_rows or size > max_bytes or (version is not None and row[5] != version):
+                    return True
+            return False
+        finally:
+            self.rows_read += count - start
 
     def _table_rows(self) -> Iterator[tuple]:
         while True:
@@ -178,7 +177,6 @@ class _Stream:
             if not chunk:
                 return
             self._last_rowid = chunk[-1][0]
-            self.rows_read += len(chunk)
             for row in chunk:
                 yield row[1:]
 
