@@ -115,9 +115,12 @@ from .protocol import Ack, Changes, Error, Hello, Message, Pull, decode, encode
 if TYPE_CHECKING:
     from .peer import Peer
 
-__all__ = ["Session", "SyncResult", "Role", "State"]
+__all__ = ["Session", "SyncResult", "Role", "State", "ACKS_PER_RECORD"]
 
 log = logging.getLogger("sync")
+
+ACKS_PER_RECORD = 32
+"""Live mode stores acknowledgements every this many acks, and at close (see `_record_ack`)."""
 
 
 class Role(str, Enum):
@@ -179,6 +182,8 @@ class Session:
         self._inbox: Inbox | None = None
         self._push_since: int | None = None  # client: the server's watermark for us
         self._in_flight: collections.deque[Changes] = collections.deque()  # oldest first
+        self._unrecorded: tuple[int, int] | None = None  # live: (acked, covered) not stored yet
+        self._acks_unrecorded = 0
         self._may_send = False
         self._send_done = False
         self._recv_done = False
@@ -250,6 +255,11 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        if self._unrecorded is not None:
+            try:
+                record_ack(self.db, self.remote.site_id, *self._unrecorded, self.remote.incarnation)
+            except (apsw.Error, EngineError) as error:  # a closed database: a re-read next time, no more
+                log.debug("sync session %s: close: acks not recorded: %s", self._name(), error)
         for part in (self._outbox, self._inbox):
             if part is not None:
                 try:
@@ -399,10 +409,26 @@ class Session:
         self._report()
         self._outbox.acknowledged(ack.watermark)
         if not page.more_parts:
-            record_ack(self.db, self.remote.site_id, ack.watermark, ack.covered, self.remote.incarnation)
+            self._record_ack(ack.watermark, ack.covered)
         out = self._pump() if self._sending_allowed() else []
         self._update_state()
         return out
+
+    def _record_ack(self, acked: int, covered: int) -> None:
+        """Store what the peer acknowledged (and, with `covered`, what we hold of it). In live mode
+        every page is acked, and a write transaction per ack costs more than the page (and wakes
+        every connection of the database): there the latest is kept here and stored every
+        `ACKS_PER_RECORD` acks and when the session closes. Losing it in a crash costs a re-read
+        of versions already held, never a gap: the watermark that guards merges is stored with
+        each merge (sync.inbox)."""
+        if self._unrecorded is not None:
+            acked, covered = max(acked, self._unrecorded[0]), max(covered, self._unrecorded[1])
+        if self.state is State.LIVE and self._acks_unrecorded + 1 < ACKS_PER_RECORD:
+            self._unrecorded = (acked, covered)
+            self._acks_unrecorded += 1
+            return
+        self._unrecorded, self._acks_unrecorded = None, 0
+        record_ack(self.db, self.remote.site_id, acked, covered, self.remote.incarnation)
 
     def _acked_pages(self, ack: Ack) -> list[Changes]:
         """The pages in flight this ack acknowledges: the one it names and every one sent

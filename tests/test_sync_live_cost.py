@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from sync import Peer, State
+from sync.session import ACKS_PER_RECORD
 from sync.changes import Limits
 from sync.outbox import Outbox
 from sync.watermarks import ensure_tables, watermarks
@@ -184,3 +185,23 @@ def test_reading_pages_gives_the_reader_back_to_the_pool(open_db):
     assert outbox.next_page(marker=False) is None
     with a.borrow_reader() as reader:
         assert reader.connection is pooled and not pooled.in_transaction
+
+
+@pytest.mark.cluster(n=2)
+def test_live_acks_are_stored_in_batches_and_when_the_link_closes(cluster):
+    """In live mode an ack costs no write transaction: acks are stored every ACKS_PER_RECORD
+    and when the session closes (what the peer holds is stored with every merge regardless)."""
+    a, b = cluster.replica(0), cluster.replica(1)
+    link = _live_pair(cluster)  # b is the client, a the server
+    acked = lambda: {m.site_id: m.acked for m in watermarks(a)}.get(b.site_id, 0)  # noqa: E731
+    stored = acked()
+    for k in range(3):
+        topic(a, f"a{k}")
+        link.notify()
+    assert len(state(b)) == 3 and acked() == stored  # three acks, held by a's session
+    for k in range(3, 3 + ACKS_PER_RECORD):
+        topic(a, f"a{k}")
+        link.notify()
+    assert stored < acked() < a.db_version  # a batch was stored
+    link.close()
+    assert acked() == a.db_version
