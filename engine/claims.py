@@ -102,7 +102,7 @@ def load_runs(s: Session, ids: Iterable[str]) -> dict[str, RunFacts]:
     return found
 
 
-def load_workflow_runs(s: Session, workflow_id: str, where: str = "", params: tuple = ()) -> list[RunFacts]:
+def load_workflow_runs(s: Session, workflow_id: str, where: str = "", params: tuple[str, ...] = ()) -> list[RunFacts]:
     sql = f"SELECT {_RUN_COLUMNS} FROM handler_runs WHERE workflow_id = ?" + (f" AND {where}" if where else "")
     return [RunFacts(*row) for row in s.execute(sql + " ORDER BY start_timestamp, id", (workflow_id, *params))]
 
@@ -120,7 +120,7 @@ def listed_events(s: Session, workflow_id: str | None = None) -> dict[str, list[
         " '$.reserved_event_ids') j"
         " WHERE r.handler_type = 'consumer' AND r.prepare_result <> '' AND j.type = 'text'"
     )
-    params: tuple = ()
+    params: tuple[str, ...] = ()
     if workflow_id is not None:
         sql += " AND r.workflow_id = ?"
         params = (workflow_id,)
@@ -228,7 +228,9 @@ def active_creators(s: Session, workflow_id: str | None = None) -> dict[str, str
     return dict(s.execute(sql + " AND r.workflow_id = ?", (workflow_id,)))
 
 
-def rank(claim: Claim, owner: str | None, roots: dict[str, RunFacts], made_by: dict[str, str]) -> tuple:
+def rank(
+    claim: Claim, owner: str | None, roots: dict[str, RunFacts], made_by: dict[str, str]
+) -> tuple[int, int, int, str, int, str]:
     """Sort key of a claim: the smallest wins (see the module docstring)."""
     run = claim.run
     progress = 0 if claim.kind == FINAL else 1 if past_mutation_boundary(run) else 2

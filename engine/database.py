@@ -17,11 +17,11 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import apsw
 
@@ -32,10 +32,21 @@ from .errors import EngineError, ExtensionNotFoundError, MergeListenerError
 from .notifier import DEFAULT_POLL_INTERVAL, ChangeNotifier
 from .resources import data_path
 
+if TYPE_CHECKING:  # the stores stand on this module: imported here for annotations only
+    from .conflicts import ConflictStore
+    from .events import EventStore
+    from .execution import ExecutionModel
+    from .handler_runs import HandlerRunStore
+    from .handler_state import HandlerStateStore
+    from .mutations import MutationStore
+    from .ownership import OwnershipStore
+    from .topics import TopicStore
+
 __all__ = [
     "Database",
     "Session",
     "MergeListener",
+    "Row",
     "connect",
     "extension_path",
     "BUSY_TIMEOUT_MS",
@@ -51,7 +62,7 @@ READER_POOL_SIZE = 4
 _ENTRY_POINT = "sqlite3_crsqlite_init"
 
 
-def extension_path(explicit: str | os.PathLike | None = None) -> str:
+def extension_path(explicit: str | os.PathLike[str] | None = None) -> str:
     """Where the cr-sqlite library is: the argument, else $CRSQLITE_PATH, else the copy inside
     the installed wheel, else extensions/crsqlite.so of the source checkout.
 
@@ -69,7 +80,7 @@ def extension_path(explicit: str | os.PathLike | None = None) -> str:
     return str(path)
 
 
-def connect(path: str, extension: str | os.PathLike | None = None) -> apsw.Connection:
+def connect(path: str, extension: str | os.PathLike[str] | None = None) -> apsw.Connection:
     """Open an APSW connection with cr-sqlite loaded and the replica pragmas set.
 
     Every connection to a replica file must come from here: cr-sqlite's triggers call
@@ -122,6 +133,11 @@ def close_connection(connection: apsw.Connection) -> None:
     connection.close()
 
 
+Row: TypeAlias = tuple[Any, ...]
+"""One result row. Its columns are typed by the SQL that selected them, which the type checker
+cannot read: callers unpack rows into annotated names (or a Struct, see engine.rows)."""
+
+
 class Session:
     """What a transaction (or a read) hands out: the connection plus queries that always
     exhaust their cursor (an open cursor would keep the connection from closing)."""
@@ -130,18 +146,20 @@ class Session:
         self.db = db
         self.connection = connection
 
-    def execute(self, sql: str, params: Any = ()) -> list[tuple]:
+    def execute(self, sql: str, params: apsw.Bindings = ()) -> list[Row]:
         return self.connection.execute(sql, params).fetchall()
 
-    def executemany(self, sql: str, rows: Any) -> None:
+    def executemany(self, sql: str, rows: Iterable[apsw.Bindings]) -> None:
         for _ in self.connection.executemany(sql, rows):
             pass
 
-    def one(self, sql: str, params: Any = ()) -> tuple | None:
+    def one(self, sql: str, params: apsw.Bindings = ()) -> Row | None:
         rows = self.connection.execute(sql, params).fetchall()
         return rows[0] if rows else None
 
-    def scalar(self, sql: str, params: Any = ()) -> Any:
+    def scalar(self, sql: str, params: apsw.Bindings = ()) -> Any:
+        """The first column of the first row (None when there is none). Typed `Any` like the
+        columns of a `Row`: what it holds is decided by the SQL."""
         rows = self.connection.execute(sql, params).fetchall()
         return rows[0][0] if rows else None
 
@@ -153,7 +171,7 @@ class Session:
         return self.db.clock.now_ms()
 
 
-MergeListener = Callable[[Session, Sequence[tuple[str, tuple]]], None]
+MergeListener = Callable[[Session, Sequence[tuple[str, tuple[Any, ...]]]], None]
 """`listener(tx, merged)`: called inside a merging transaction with the distinct
 (table, primary-key values) of the rows the merge touched."""
 
@@ -220,11 +238,11 @@ class Database:
     @classmethod
     def open(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         *,
         clock: Clock | None = None,
-        extension: str | os.PathLike | None = None,
-        migrations: str | os.PathLike | None = None,
+        extension: str | os.PathLike[str] | None = None,
+        migrations: str | os.PathLike[str] | None = None,
         audit: bool = True,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
     ) -> "Database":
@@ -263,13 +281,15 @@ class Database:
     def site_id(self) -> str:
         """This replica's cr-sqlite site id, 32 lowercase hex characters."""
         with self.reading() as s:
-            return s.scalar("SELECT lower(hex(crsql_site_id()))")
+            site_id: str = s.scalar("SELECT lower(hex(crsql_site_id()))")
+        return site_id
 
     @property
     def db_version(self) -> int:
         """cr-sqlite's logical clock: the db_version of the latest committed change."""
         with self.reading() as s:
-            return s.scalar("SELECT crsql_db_version()")
+            version: int = s.scalar("SELECT crsql_db_version()")
+        return version
 
     @property
     def schema_version(self) -> int:
@@ -288,7 +308,8 @@ class Database:
         """SQLite's schema counter: changes whenever any connection alters the schema (e.g. another
         process ran a migration). Cheap; used to know when cached schema facts are stale."""
         with self.reading() as s:
-            return s.scalar("PRAGMA schema_version")
+            cookie: int = s.scalar("PRAGMA schema_version")
+        return cookie
 
     @property
     def schema_fingerprint(self) -> str:
@@ -308,7 +329,7 @@ class Database:
         with self.reading() as s:
             return _lineage.descends_from(s.connection, incarnation, version)
 
-    def clone_to(self, path: str | os.PathLike) -> str:
+    def clone_to(self, path: str | os.PathLike[str]) -> str:
         """Copy this replica to a new file at `path` that is a replica of its own, with a new
         site id; returns it. The way to turn a copied file or a restored backup (refused by
         sync with `DuplicateSiteError`) into a replica that can sync: clone it and use the clone.
@@ -478,7 +499,7 @@ class Database:
     def merge_listeners(self) -> list[MergeListener]:
         return list(self._merge_listeners)
 
-    def notify_merge(self, tx: Session, merged: Sequence[tuple[str, tuple]]) -> None:
+    def notify_merge(self, tx: Session, merged: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
         """Called by sync inside a merging transaction (see `on_merge`).
 
         Raises:
@@ -528,42 +549,42 @@ class Database:
     # -- the stores (attached lazily: they stand on this module, not the reverse) -------
 
     @cached_property
-    def topics(self):
+    def topics(self) -> TopicStore:
         from .topics import TopicStore
         return TopicStore(self)
 
     @cached_property
-    def events(self):
+    def events(self) -> EventStore:
         from .events import EventStore
         return EventStore(self)
 
     @cached_property
-    def handler_runs(self):
+    def handler_runs(self) -> HandlerRunStore:
         from .handler_runs import HandlerRunStore
         return HandlerRunStore(self)
 
     @cached_property
-    def mutations(self):
+    def mutations(self) -> MutationStore:
         from .mutations import MutationStore
         return MutationStore(self)
 
     @cached_property
-    def handler_state(self):
+    def handler_state(self) -> HandlerStateStore:
         from .handler_state import HandlerStateStore
         return HandlerStateStore(self)
 
     @cached_property
-    def ownership(self):
+    def ownership(self) -> OwnershipStore:
         from .ownership import OwnershipStore
         return OwnershipStore(self)
 
     @cached_property
-    def conflicts(self):
+    def conflicts(self) -> ConflictStore:
         from .conflicts import ConflictStore
         return ConflictStore(self)
 
     @cached_property
-    def execution(self):
+    def execution(self) -> ExecutionModel:
         from .execution import ExecutionModel
         return ExecutionModel(self)
 

@@ -63,7 +63,7 @@ class Event(msgspec.Struct, frozen=True):
     reserved_by_run_id: str
     created_by_run_id: str
     attempt_number: int
-    caused_by: list
+    caused_by: list[str]
     created_at: int
     updated_at: int
 
@@ -303,7 +303,7 @@ class EventStore:
                 won.update(r[0] for r in rows)
         return [i for i in wanted if i in won]
 
-    def _settle(self, run_id: str, assignments: str, params: tuple, tx: Session | None) -> int:
+    def _settle(self, run_id: str, assignments: str, params: tuple[str, ...], tx: Session | None) -> int:
         """Apply `assignments` to the events `run_id` holds reserved; return how many."""
         require_text("run_id", run_id)
         with self.db.transaction(tx) as s:

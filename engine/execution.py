@@ -43,7 +43,7 @@ transaction. Any error inside rolls the whole step back: either all stores moved
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 
@@ -53,7 +53,7 @@ from .handler_runs import FINAL_STATUSES, STATUSES, HandlerRun
 from .mutations import FINAL_STATUSES as MUTATION_FINAL_STATUSES
 from .mutations import Mutation
 
-__all__ = ["ExecutionModel", "RecoverySummary", "UNSET", "PRE_MUTATION_PHASES", "FAILURE_STATUSES"]
+__all__ = ["ExecutionModel", "RecoverySummary", "UNSET", "PRE_MUTATION_PHASES", "FAILURE_STATUSES", "PhasedRun"]
 
 if TYPE_CHECKING:
     from .invariants import Violation
@@ -62,9 +62,9 @@ if TYPE_CHECKING:
 class _Unset:
     """The type of `UNSET`: "no new handler state" (None would be a real JSON null)."""
 
-    _instance = None
+    _instance: _Unset | None = None
 
-    def __new__(cls):
+    def __new__(cls) -> _Unset:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -73,7 +73,7 @@ class _Unset:
         return "UNSET"
 
 
-UNSET: Any = _Unset()
+UNSET: Final = _Unset()
 
 # Consumer phases before the mutation boundary: ending a run here releases its events.
 PRE_MUTATION_PHASES = ("pending", "preparing", "prepared")
@@ -90,7 +90,18 @@ class RecoverySummary(msgspec.Struct, frozen=True):
     events_kept_reserved: int
 
 
-def past_mutation_boundary(run: HandlerRun) -> bool:
+class PhasedRun(Protocol):
+    """What `past_mutation_boundary` reads of a run: a `HandlerRun`, or the audit's lighter
+    `claims.RunFacts` (read without decoding the run's JSON columns)."""
+
+    @property
+    def handler_type(self) -> str: ...
+
+    @property
+    def phase(self) -> str: ...
+
+
+def past_mutation_boundary(run: PhasedRun) -> bool:
     """Whether the run may have performed its side effect (so its events must stay reserved).
 
     The one statement of this rule: the after-merge audit ranks contested runs with it too."""

@@ -69,7 +69,7 @@ class HandlerRun(msgspec.Struct, frozen=True):
     error: str
     error_type: str
     cost: float
-    logs: list
+    logs: list[Any]
 
 
 RUNS = Table("handler_runs", HandlerRun, json_columns={"prepare_result": EMPTY_IS_NONE, "logs": None})
@@ -228,7 +228,8 @@ class HandlerRunStore:
 
     def incomplete(self, workflow_id: str | None = None, *, tx: Session | None = None) -> list[HandlerRun]:
         """Active runs (of one workflow, or of all), oldest first."""
-        where, params = "status = 'active'", ()
+        where = "status = 'active'"
+        params: tuple[str, ...] = ()
         if workflow_id is not None:
             where, params = where + " AND workflow_id = ?", (require_text("workflow_id", workflow_id),)
         with self.db.reading(tx) as s:

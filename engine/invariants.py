@@ -95,6 +95,8 @@ def _reservations(s: Session) -> list[Violation]:
         found = claims[id]
         winner = min(found, key=lambda k: c.rank(k, owners.get(k.run.workflow_id), roots, made_by)) if found else None
         out.extend(_event_violations(id, status, holder, runs, winner))
+        if winner is None:  # nobody claims it: no losers either
+            continue
         for loser in (k for k in found if k is not winner):
             if (id, loser.run.id) not in recorded:
                 out.append(Violation("unrecorded_double_reservation", "events", id,
@@ -102,7 +104,7 @@ def _reservations(s: Session) -> list[Violation]:
     return out
 
 
-def _event_violations(id: str, status: str, holder: str, runs: dict, winner: c.Claim | None) -> list[Violation]:
+def _event_violations(id: str, status: str, holder: str, runs: dict[str, c.RunFacts], winner: c.Claim | None) -> list[Violation]:
     if status == RESERVED and (not holder or holder not in runs):
         return [Violation("reservation_without_run", "events", id, f"reserved by missing run {holder!r}")]
     if status == PENDING and holder:

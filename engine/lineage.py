@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from typing import cast
 
 import apsw
 
@@ -78,7 +79,7 @@ def _current(connection: apsw.Connection, key: str) -> str | None:
     last = connection.execute(
         f"SELECT incarnation, file_key FROM {LINEAGE_TABLE} ORDER BY seq DESC LIMIT 1"
     ).fetchall()
-    return last[0][0] if last and last[0][1] == key else None
+    return cast(str, last[0][0]) if last and last[0][1] == key else None  # incarnation is TEXT
 
 
 def descends_from(connection: apsw.Connection, incarnation: str, version: int) -> bool:
@@ -94,7 +95,7 @@ def descends_from(connection: apsw.Connection, incarnation: str, version: int) -
     successor = connection.execute(
         f"SELECT began_at FROM {LINEAGE_TABLE} WHERE seq > ? ORDER BY seq LIMIT 1", (rows[0][0],)
     ).fetchall()
-    return not successor or successor[0][0] >= version
+    return not successor or cast(int, successor[0][0]) >= version  # began_at is INTEGER
 
 
 def reset(connection: apsw.Connection) -> None:

@@ -9,8 +9,10 @@ starts with `__` are local bookkeeping and stay plain tables.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+from typing import TypeAlias, cast
 
 import apsw
 import msgspec
@@ -40,13 +42,22 @@ CREATE TABLE IF NOT EXISTS __engine_migrations (
 )"""
 
 
+# The rows of the two pragmas that describe a table's shape, as SQLite documents them (APSW
+# types every column as any SQLite value).
+_ColumnInfo: TypeAlias = tuple[int, str, str, int, str | None, int]
+"""PRAGMA table_info: cid, name, declared type, notnull, default (SQL text or None), pk position."""
+_IndexInfo: TypeAlias = tuple[int, str, int, str, int]
+"""PRAGMA index_list: seq, name, unique, origin ('c', 'u' or 'pk'), partial."""
+_Shape: TypeAlias = tuple[list[_ColumnInfo], list[_IndexInfo]]
+
+
 class Migration(msgspec.Struct, frozen=True):
     version: int
     name: str
     sql: str
 
 
-def discover(directory: str | Path) -> list[Migration]:
+def discover(directory: str | os.PathLike[str]) -> list[Migration]:
     """The migrations in `directory`, ordered by version.
 
     Raises:
@@ -74,16 +85,17 @@ def applied_version(connection: apsw.Connection) -> int:
     ).fetchall()
     if not exists:
         return 0
-    return connection.execute("SELECT coalesce(max(version), 0) FROM __engine_migrations").fetchall()[0][0]
+    version = connection.execute("SELECT coalesce(max(version), 0) FROM __engine_migrations").fetchall()[0][0]
+    return cast(int, version)  # an INTEGER PRIMARY KEY, or the 0 of coalesce
 
 
 def crr_tables(connection: apsw.Connection) -> list[str]:
     """Names of the tables that are CRRs, sorted."""
-    rows = connection.execute(
+    return _names(
+        connection,
         "SELECT substr(name, 1, length(name) - 13) FROM sqlite_master "
-        "WHERE type = 'table' AND name LIKE '%\\_\\_crsql\\_clock' ESCAPE '\\' ORDER BY 1"
-    ).fetchall()
-    return [name for (name,) in rows]
+        "WHERE type = 'table' AND name LIKE '%\\_\\_crsql\\_clock' ESCAPE '\\' ORDER BY 1",
+    )
 
 
 def migrate(connection: apsw.Connection, migrations: list[Migration], now_ms: int, *, path: str = "") -> int:
@@ -145,15 +157,12 @@ def _apply(connection: apsw.Connection, migration: Migration, now_ms: int) -> in
         raise
 
 
-def _shape(connection: apsw.Connection, table: str) -> tuple:
+def _shape(connection: apsw.Connection, table: str) -> _Shape:
     """What an ALTER can change about a table: its columns and its indexes."""
-    return (
-        connection.execute(f'PRAGMA table_info("{table}")').fetchall(),
-        connection.execute(f'PRAGMA index_list("{table}")').fetchall(),
-    )
+    return _table_info(connection, table), _index_list(connection, table)
 
 
-def _check_altered(connection: apsw.Connection, migration: Migration, shapes: dict[str, tuple]) -> None:
+def _check_altered(connection: apsw.Connection, migration: Migration, shapes: dict[str, _Shape]) -> None:
     """Refuse a migration that changed a CRR table's columns outside crsql_begin_alter /
     crsql_commit_alter (cr-sqlite's triggers would silently stop replicating the new
     columns), and re-check the CRR rules of every CRR table it touched.
@@ -188,13 +197,26 @@ def _run_script(connection: apsw.Connection, migration: Migration) -> None:
 
 
 def _user_tables(connection: apsw.Connection) -> list[str]:
-    rows = connection.execute(
+    return _names(
+        connection,
         "SELECT name FROM sqlite_master WHERE type = 'table' "
         "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_\\_%' ESCAPE '\\' "
         "AND name NOT LIKE 'crsql\\_%' ESCAPE '\\' AND name NOT LIKE '%\\_\\_crsql\\_%' ESCAPE '\\' "
-        "ORDER BY name"
-    ).fetchall()
-    return [name for (name,) in rows]
+        "ORDER BY name",
+    )
+
+
+def _names(connection: apsw.Connection, sql: str) -> list[str]:
+    """The single text column of `sql`'s rows (table names read from sqlite_master)."""
+    return [cast(str, name) for (name,) in connection.execute(sql).fetchall()]
+
+
+def _table_info(connection: apsw.Connection, table: str) -> list[_ColumnInfo]:
+    return cast("list[_ColumnInfo]", connection.execute(f'PRAGMA table_info("{table}")').fetchall())
+
+
+def _index_list(connection: apsw.Connection, table: str) -> list[_IndexInfo]:
+    return cast("list[_IndexInfo]", connection.execute(f'PRAGMA index_list("{table}")').fetchall())
 
 
 def check_crr_compatible(connection: apsw.Connection, table: str) -> None:
@@ -203,12 +225,12 @@ def check_crr_compatible(connection: apsw.Connection, table: str) -> None:
     Raises:
         SchemaError: naming the table and the offending column or index.
     """
-    sql = connection.execute(
+    sql = cast(str, connection.execute(
         "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
-    ).fetchall()[0][0]
+    ).fetchall()[0][0])
     if re.search(r"\bAUTOINCREMENT\b", sql, re.IGNORECASE):
         raise SchemaError(f"table {table}: AUTOINCREMENT is not allowed in a CRR", table=table)
-    columns = connection.execute(f'PRAGMA table_info("{table}")').fetchall()
+    columns = _table_info(connection, table)
     pk_columns = [c for c in columns if c[5]]
     if not pk_columns:
         raise SchemaError(f"table {table}: a CRR needs an explicit primary key", table=table)
@@ -227,7 +249,7 @@ def check_crr_compatible(connection: apsw.Connection, table: str) -> None:
                 table=table,
                 column=name,
             )
-    for _seq, index, unique, origin, _partial in connection.execute(f'PRAGMA index_list("{table}")').fetchall():
+    for _seq, index, unique, origin, _partial in _index_list(connection, table):
         if unique and origin != "pk":
             raise SchemaError(
                 f"table {table}: unique index {index} is not allowed besides the primary key "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import apsw
 
@@ -100,7 +100,7 @@ class ChangeNotifier:
         if watcher is None:
             return 0
         try:
-            return watcher.execute("PRAGMA data_version").fetchall()[0][0]
+            return cast(int, watcher.execute("PRAGMA data_version").fetchall()[0][0])
         except apsw.Error as error:
             log.warning("data_version poll of %s failed (%s); retrying", self.db.path, error)
             return None

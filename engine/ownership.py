@@ -13,6 +13,8 @@ tie-break), never to a mix of two.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from .database import Database, Session
@@ -29,7 +31,7 @@ class Claim(msgspec.Struct, frozen=True):
 
 class Ownership(msgspec.Struct, frozen=True):
     workflow_id: str
-    claim: dict | None  # {"owner": site_id, "claimed_at": ms}, None when unowned
+    claim: dict[str, Any] | None  # {"owner": site_id, "claimed_at": ms}, None when unowned
 
     @property
     def owner(self) -> str | None:

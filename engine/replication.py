@@ -45,12 +45,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeAlias
 
 import msgspec
 
 from . import claims as c
 from .conflicts import Conflict
-from .database import Database, Session
+from .database import Database, Row, Session
 from .events import RESERVED
 from .execution import past_mutation_boundary
 from .handler_runs import RUNS
@@ -86,6 +87,10 @@ class AuditReport(msgspec.Struct):
         return any(getattr(self, field) for field in self.__struct_fields__)
 
 
+_Ranking: TypeAlias = Callable[[Iterable[c.Claim]], list[c.Claim]]
+"""Sorts the claims on one event, the winner first (claims.rank)."""
+
+
 class _Scope(msgspec.Struct):
     runs: set[str] = msgspec.field(default_factory=set)
     events: set[str] = msgspec.field(default_factory=set)
@@ -109,7 +114,7 @@ def enable_audit(db: Database) -> Callable[[], None] | None:
     return db.on_merge(_audit_merge)
 
 
-def _audit_merge(tx: Session, merged: Sequence[tuple[str, tuple]]) -> None:
+def _audit_merge(tx: Session, merged: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
     """The `on_merge` listener (module-level: it keeps no database alive)."""
     try:
         audit(tx.db, merged, tx=tx)
@@ -117,7 +122,7 @@ def _audit_merge(tx: Session, merged: Sequence[tuple[str, tuple]]) -> None:
         log.exception("after-merge audit of %s failed; the merge is kept", tx.db.path)
 
 
-def audit(db: Database, merged: Iterable[tuple[str, tuple]], *, tx: Session | None = None) -> AuditReport:
+def audit(db: Database, merged: Iterable[tuple[str, tuple[Any, ...]]], *, tx: Session | None = None) -> AuditReport:
     """Audit the rows a merge touched: `merged` lists (table, primary-key values), as sync's
     after-apply hook passes them. Rows of other tables are ignored. Returns what it did."""
     scope = _Scope()
@@ -239,8 +244,8 @@ class _Audit:
         listing = c.listed_events(self.s, wf)
         by_run: dict[str, set[str]] = {}
         for event, ids in listing.items():
-            for run in ids:
-                by_run.setdefault(run, set()).add(event)
+            for run_id in ids:
+                by_run.setdefault(run_id, set()).add(event)
         scope = set(events)
         for run in runs:
             scope |= by_run.get(run.id, set())
@@ -268,7 +273,9 @@ class _Audit:
             found = ranked(claims[event])
             self._repair_event(event, *state[event], found[0] if found else None)
 
-    def _claims(self, scope: set[str], listing: dict[str, list[str]], owner: str | None):
+    def _claims(self, scope: set[str], listing: dict[str, list[str]], owner: str | None) -> tuple[
+        dict[str, list[c.Claim]], dict[str, tuple[str, str]], dict[str, str], _Ranking
+    ]:
         """For the events in `scope`: claims per event, (status, holder) per event, the
         creating site of every contested run, and a function sorting claims winner first."""
         state = {id: (status, holder) for id, status, holder in self._rows(
@@ -308,7 +315,7 @@ class _Audit:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _record(self, kind: str, wf: str, subjects: list[str], detail: dict) -> Conflict:
+    def _record(self, kind: str, wf: str, subjects: list[str], detail: dict[str, Any]) -> Conflict:
         conflict, created = self.db.conflicts.record(kind, wf, subjects, detail, tx=self.s)
         if created:
             self.report.conflicts.append(conflict.id)
@@ -336,17 +343,17 @@ class _Audit:
                 " WHERE handler_run_id = ? AND status = 'in_flight' RETURNING id", (now, now, run.id))
             self.report.reconciling.extend(r[0] for r in rows)
 
-    def _rows(self, sql: str, ids: Iterable[str], params: tuple = ()) -> list[tuple]:
+    def _rows(self, sql: str, ids: Iterable[str], params: tuple[str, ...] = ()) -> list[Row]:
         """Run `sql` (its `{}` becomes the placeholders of a chunk of `ids`) for every chunk."""
         ids = sorted(set(ids))
         if "{}" not in sql:
             return self.s.execute(sql, params)
-        out: list[tuple] = []
+        out: list[Row] = []
         for chunk in chunks(ids):
             out.extend(self.s.execute(sql.format(placeholders(chunk)), (*chunk, *params)))
         return out
 
-    def _ids(self, sql: str, ids: Iterable[str], params: tuple = ()) -> list[str]:
+    def _ids(self, sql: str, ids: Iterable[str], params: tuple[str, ...] = ()) -> list[str]:
         return [row[0] for row in self._rows(sql, ids, params)]
 
     def _event_workflows(self, ids: set[str]) -> dict[str, str]:

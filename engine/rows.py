@@ -10,17 +10,21 @@ id and column) and encoded on write with one reused encoder.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from typing import Any, Generic, TypeVar
+from collections.abc import Iterator, Sized
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 
-from .database import Session
+from .database import Row, Session
 from .errors import CorruptDataError, InvalidTransitionError, NotFoundError
+
+if TYPE_CHECKING:
+    import apsw  # for apsw.Bindings, a name of APSW's type stubs only
 
 __all__ = ["deterministic_id", "require_text", "encode_json", "chunks", "placeholders", "Table", "StateMachine"]
 
 T = TypeVar("T", bound=msgspec.Struct)
+V = TypeVar("V")
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
@@ -56,13 +60,13 @@ def require_text(name: str, value: str) -> str:
 IN_CHUNK = 500
 
 
-def chunks(items: list, size: int = IN_CHUNK) -> Iterator[list]:
+def chunks(items: list[V], size: int = IN_CHUNK) -> Iterator[list[V]]:
     """`items` in slices of at most `size`, for `IN (...)` lists with bounded parameters."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
-def placeholders(items: list) -> str:
+def placeholders(items: Sized) -> str:
     """`?, ?, ?` for the items of an `IN (...)` list."""
     return ", ".join("?" * len(items))
 
@@ -87,29 +91,31 @@ class Table(Generic[T]):
         json_columns = json_columns or {}
         self._json = [(self.columns.index(c), c, mode == EMPTY_IS_NONE) for c, mode in json_columns.items()]
 
-    def row(self, values: tuple) -> T:
+    def row(self, values: Row) -> T:
         """Build the Struct from one selected row, decoding its JSON columns.
 
         Raises:
             CorruptDataError: a JSON column does not decode.
         """
-        if self._json:
-            values = list(values)
-            for position, column, empty_is_none in self._json:
-                text = values[position]
-                if empty_is_none and text == "":
-                    values[position] = None
-                    continue
-                try:
-                    values[position] = _decoder.decode(text)
-                except (msgspec.DecodeError, TypeError) as error:
-                    raise CorruptDataError(self.name, str(values[0]), column, str(error)) from None
-        return self.struct(*values)
+        if not self._json:
+            return self.struct(*values)
+        decoded = list(values)
+        for position, column, empty_is_none in self._json:
+            text = decoded[position]
+            if empty_is_none and text == "":
+                decoded[position] = None
+                continue
+            try:
+                decoded[position] = _decoder.decode(text)
+            except (msgspec.DecodeError, TypeError) as error:
+                raise CorruptDataError(self.name, str(decoded[0]), column, str(error)) from None
+        return self.struct(*decoded)
 
-    def rows(self, values: list[tuple]) -> list[T]:
+    def rows(self, values: list[Row]) -> list[T]:
         return [self.row(v) for v in values]
 
-    def query(self, s: Session, where: str = "", params: Any = (), *, order: str = "", limit: int | None = None) -> list[T]:
+    def query(self, s: Session, where: str = "", params: apsw.Bindings = (), *, order: str = "",
+              limit: int | None = None) -> list[T]:
         """Rows matching `where` (SQL with ? placeholders), optionally ordered and limited."""
         sql = self.select
         if where:
@@ -148,7 +154,7 @@ class Table(Generic[T]):
         if s.changes() == 0:
             raise NotFoundError(self.name, id)
 
-    def delete(self, s: Session, where: str, params: Any = ()) -> int:
+    def delete(self, s: Session, where: str, params: apsw.Bindings = ()) -> int:
         """Delete matching rows; return how many were deleted."""
         s.execute(f"DELETE FROM {self.name} WHERE {where}", params)
         return s.changes()

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import msgspec
 
-from .database import Database, Session
+from .database import Database, Row, Session
 from .errors import AlreadyExistsError
 from .rows import Table, deterministic_id, require_text
 
@@ -61,7 +61,7 @@ def _topic_id(workflow_id: str, name: str) -> str:
 
 def insert_topic(
     s: Session, id: str, workflow_id: str, name: str, now_ms: int, *, returning: bool = False
-) -> list[tuple]:
+) -> list[Row]:
     """Insert the topic unless its row exists, inside the caller's session (no savepoint of
     its own: the event store's publish calls this for every event). With `returning`, the
     new row comes back (nothing if it already existed)."""

@@ -1,13 +1,19 @@
 """`crdt-sync`: the command line for replicas — create, inspect, serve, sync, export, import.
 
-    crdt-sync init app.db
+    crdt-sync init app.db                                       # also creates its key pair
+    crdt-sync id app.db                                         # print its public key
+    crdt-sync trust app.db ed25519:... --name laptop --can write [--tables events,topics]
+    crdt-sync untrust app.db ed25519:...
     crdt-sync status app.db
     crdt-sync doctor app.db                                     # exit 1 when something is wrong
     crdt-sync serve app.db --port 8765 --token s3cret          # until Ctrl-C, live
+    crdt-sync serve app.db --port 8765 --keys --cert c.pem --key k.pem   # wss://, trusted keys only
+    crdt-sync sync other.db wss://host:8765 --server-key ed25519:... --cafile c.pem
     crdt-sync sync other.db ws://127.0.0.1:8765 --token s3cret  # one pull+push round
     crdt-sync sync other.db ws://127.0.0.1:8765 --progress      # with a progress bar
     crdt-sync export app.db --for 0123...cdef changes.bin
     crdt-sync import other.db changes.bin
+    crdt-sync clone copied.db fresh.db
 
 This module is the roof's edge: it is the one place where errors become one line on stderr and
 a non-zero exit code (`EngineError`, `SyncError`, `OSError`, APSW errors). Everything below it
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -35,9 +42,12 @@ from engine.doctor import Fact, diagnose, write_diagnosis
 from .watermarks import PeerWatermark, watermarks
 from .errors import SyncError
 from .files import export_changes, import_changes
+from .identity import load_identity, parse_public_key
 from .peer import Peer
 from .progress import ProgressCallback, SyncProgress
 from .protocol import parse_site_id
+from .tls import client_context, server_context
+from .trust import Grant, trust_peer, trusted_peers, untrust_peer
 from .websocket import connect, serve, sync_with_url
 
 __all__ = [
@@ -101,8 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    init = command("init", "Create a replica (or migrate an existing one) and print its site id.", _cmd_init)
+    init = command("init", "Create a replica (or migrate an existing one) with its key pair; print its site id and public key.", _cmd_init)
     init.add_argument("db", metavar="DB", help="path of the database file to create")
+
+    ident = command("id", "Print the replica's public key (creating its key pair if it has none).", _cmd_id)
+    ident.add_argument("db", metavar="DB", help="path of an existing database file")
+
+    trust = command("trust", "Admit a peer's public key, read-only or read-write (again: change its grant).", _cmd_trust)
+    trust.add_argument("db", metavar="DB", help="path of an existing database file")
+    trust.add_argument("public_key", metavar="PUBKEY", type=_public_key, help="the peer's key as `crdt-sync id` prints it (ed25519:...)")
+    trust.add_argument("--name", required=True, help="a name for the peer, shown in logs and errors (e.g. laptop)")
+    trust.add_argument("--can", required=True, choices=[g.value for g in Grant], help="read: may pull only; write: may pull and push")
+    trust.add_argument(
+        "--tables", type=_table_list, default=(), metavar="T1,T2",
+        help="with --can write: the only tables it may write (comma-separated; default: all)",
+    )
+
+    untrust = command("untrust", "Remove a peer's public key from the trust list.", _cmd_untrust)
+    untrust.add_argument("db", metavar="DB", help="path of an existing database file")
+    untrust.add_argument("public_key", metavar="PUBKEY", type=_public_key, help="the key to remove (ed25519:...)")
 
     status = command("status", "Show a replica's site id, db_version, schema and known peers.", _cmd_status)
     status.add_argument("db", metavar="DB", help="path of an existing database file")
@@ -113,12 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     _add_token(serve)
     serve.add_argument(
+        "--keys", action="store_true",
+        help="admit only clients proving a key of the trust list (crdt-sync trust), each with its grant; "
+             "--peer servers must prove a trusted key too",
+    )
+    serve.add_argument("--cert", metavar="FILE", help="serve wss:// with this PEM certificate (chain); needs --key")
+    serve.add_argument("--key", metavar="FILE", help="the PEM private key of --cert")
+    serve.add_argument(
         "--peer",
         action="append",
         default=[],
         metavar="URL",
-        help="also keep a live connection to this ws:// server (repeatable; makes a relay)",
+        help="also keep a live connection to this ws:// or wss:// server (repeatable; makes a relay)",
     )
+    _add_client_tls(serve)
 
     doctor = command(
         "doctor", "Check a replica, never creating nor migrating it (extension, schema, peers, WAL); exit 1 if wrong.",
@@ -128,8 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sync = command("sync", "Run one pull-then-push round with a ws:// server and print the counts.", _cmd_sync)
     sync.add_argument("db", metavar="DB", help="path of an existing database file")
-    sync.add_argument("url", metavar="URL", help="the server, e.g. ws://127.0.0.1:8765")
+    sync.add_argument("url", metavar="URL", help="the server, e.g. ws://127.0.0.1:8765 or wss://host:8765")
     _add_token(sync)
+    sync.add_argument(
+        "--keys", action="store_true",
+        help="prove this replica's key, and require the server to prove a key of the trust list",
+    )
+    sync.add_argument(
+        "--server-key", type=_public_key, metavar="PUBKEY",
+        help="the key the server must prove (ed25519:..., `crdt-sync id` on the server); implies key authentication",
+    )
+    _add_client_tls(sync)
     shown = sync.add_mutually_exclusive_group()
     shown.add_argument("--quiet", "-q", action="store_true", help="no progress output on stderr")
     shown.add_argument(
@@ -146,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("file", metavar="FILE", help="file to write")
 
+    clone = command(
+        "clone", "Copy a replica to a new file with a site id of its own (the fix for a copied file or "
+        "a restored backup that sync refuses as a duplicate site).", _cmd_clone,
+    )
+    clone.add_argument("src", metavar="SRC", help="path of the existing database file to copy")
+    clone.add_argument("dst", metavar="DST", help="path of the new file (must not exist)")
+
     imp = command("import", "Apply a file written by `export` (all or nothing).", _cmd_import)
     imp.add_argument("db", metavar="DB", help="path of an existing database file")
     imp.add_argument("file", metavar="FILE", help="file written by `crdt-sync export`")
@@ -158,6 +209,59 @@ def _site_id(text: str) -> str:
         return parse_site_id(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _public_key(text: str) -> str:
+    """argparse type: a public key as `crdt-sync id` prints it."""
+    try:
+        parse_public_key(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text.strip()
+
+
+def _table_list(text: str) -> tuple[str, ...]:
+    """argparse type: `a,b` -> ('a', 'b'); the names are checked against the schema later."""
+    tables = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not tables:
+        raise argparse.ArgumentTypeError("expected table names separated by commas")
+    return tables
+
+
+def _add_client_tls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cafile", metavar="FILE", help="wss://: trust the server certificates in this PEM file (e.g. its self-signed one)")
+    parser.add_argument(
+        "--no-verify", action="store_true",
+        help="wss://: encrypt without checking the certificate; only with key authentication, whose "
+             "handshake is bound to the TLS channel and so authenticates the server",
+    )
+
+
+def _client_tls(args: argparse.Namespace, url: str, keys: bool) -> "ssl.SSLContext | None":
+    """The TLS context for connecting to `url` as the options ask (None: plain ws://, or the
+    system's CAs for wss://).
+
+    Raises:
+        CommandError: TLS options for a ws:// URL, or --no-verify without key authentication.
+    """
+    if not url.startswith("wss://"):
+        if args.cafile or args.no_verify:
+            raise CommandError(f"--cafile/--no-verify apply to wss:// URLs, not {url}")
+        return None
+    if args.no_verify:
+        if not keys:
+            raise CommandError("--no-verify needs key authentication (--keys or --server-key): "
+                               "without it nothing authenticates the server")
+        return client_context(verify=False)
+    return client_context(cafile=args.cafile) if args.cafile else None
+
+
+def _server_tls(args: argparse.Namespace) -> "ssl.SSLContext | None":
+    """Raises:
+        CommandError: only one of --cert and --key."""
+    if bool(args.cert) != bool(args.key):
+        raise CommandError("--cert and --key go together (a certificate and its private key)")
+    return server_context(args.cert, args.key) if args.cert else None
 
 
 def _add_token(parser: argparse.ArgumentParser) -> None:
@@ -221,6 +325,43 @@ def _cmd_init(args: argparse.Namespace) -> int:
     with Database.open(args.db) as db:
         verb = "opened existing" if existed else "created"
         print(f"{verb} {args.db}: site id {db.site_id}, schema version {db.schema_version}")
+        print(f"public key {load_identity(db).public_text}")
+    return EXIT_OK
+
+
+def _cmd_id(args: argparse.Namespace) -> int:
+    with _open_existing(args.db) as db:
+        print(load_identity(db).public_text)
+    return EXIT_OK
+
+
+def _cmd_trust(args: argparse.Namespace) -> int:
+    with _open_existing(args.db) as db:
+        own = load_identity(db, create=False)
+        if own is not None and parse_public_key(args.public_key) == own.public_key:
+            raise CommandError("that is this replica's own key; give the peer's key (`crdt-sync id` on the peer)")
+        try:
+            entry = trust_peer(db, args.public_key, name=args.name, can=args.can, tables=args.tables)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+    print(f"trusted {entry.describe()}")
+    return EXIT_OK
+
+
+def _cmd_untrust(args: argparse.Namespace) -> int:
+    with _open_existing(args.db) as db:
+        if not untrust_peer(db, args.public_key):
+            raise CommandError(f"{args.public_key} is not in the trust list of {args.db}")
+    print(f"untrusted {args.public_key}")
+    return EXIT_OK
+
+
+def _cmd_clone(args: argparse.Namespace) -> int:
+    with _open_existing(args.src) as db:
+        site = db.clone_to(args.dst)
+        print(f"cloned {args.src} to {args.dst}: site id {site} (was {db.site_id}); use {args.dst} from now on")
+    with Database.open(args.dst) as clone:  # a key belongs to one site id: the clone gets its own
+        print(f"public key of the clone {load_identity(clone).public_text} (new: trust it where the original was trusted)")
     return EXIT_OK
 
 
@@ -234,6 +375,8 @@ def write_status(db: Database, out: TextIO) -> None:
     """Print the facts of `db`: identity, clock, schema, CRR tables, peers, extra sections."""
     print(f"database:       {db.path}", file=out)
     print(f"site id:        {db.site_id}", file=out)
+    identity = load_identity(db, create=False)
+    print(f"public key:     {identity.public_text if identity else '(none yet: `crdt-sync id` creates it)'}", file=out)
     print(f"db_version:     {db.db_version}", file=out)
     print(f"schema version: {db.schema_version} (fingerprint {db.schema_fingerprint})", file=out)
     with db.reading() as session:
@@ -243,6 +386,10 @@ def write_status(db: Database, out: TextIO) -> None:
     print(f"known peers:    {len(peers)}", file=out)
     for mark in peers:
         print(f"  {_describe_peer(mark)}", file=out)
+    trusted = trusted_peers(db)
+    print(f"trusted peers:  {len(trusted)}", file=out)
+    for entry in trusted:
+        print(f"  {entry.describe()}", file=out)
     for section in _status_sections:
         for line in section(db):
             print(line, file=out)
@@ -266,7 +413,9 @@ def _has_table(db: Database, name: str) -> bool:
 
 def _cmd_sync(args: argparse.Namespace) -> int:
     with _open_existing(args.db) as db, _progress_display(args) as progress:
-        result = sync_with_url(Peer(db), args.url, token=args.token, progress=progress)
+        keys = args.keys or args.server_key is not None
+        result = sync_with_url(Peer(db, require_keys=args.keys), args.url, token=args.token, progress=progress,
+                               server_key=args.server_key, ssl=_client_tls(args, args.url, keys))
     print(f"pulled {result.pulled} changes, pushed {result.pushed} changes ({args.url})")
     return EXIT_OK
 
@@ -335,10 +484,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     restore = _stop_on_signals(stop)
     try:
-        with _open_existing(args.db) as db, serve(db, args.host, args.port, token=args.token) as server:
-            clients = [connect(db, url, token=args.token) for url in args.peer]
+        tls = _server_tls(args)
+        peer_tls = [_client_tls(args, url, args.keys) for url in args.peer]
+        with _open_existing(args.db) as db, serve(db, args.host, args.port, token=args.token,
+                                                  require_keys=args.keys, ssl=tls) as server:
+            peer = server.peer
+            clients = [connect(db, url, token=args.token, peer=peer, ssl=context)
+                       for url, context in zip(args.peer, peer_tls)]
             try:
-                print(f"serving {args.db} (site {db.site_id}) on {server.url}; Ctrl-C stops", flush=True)
+                key = f", key {peer.identity.public_text}" if args.keys else ""
+                print(f"serving {args.db} (site {db.site_id}{key}) on {server.url}; Ctrl-C stops", flush=True)
                 while not stop.wait(3600):
                     pass
             finally:

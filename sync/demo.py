@@ -3,8 +3,11 @@
     python -m sync.demo [--data-dir DIR] [--keep]
 
 What happens (each step printed):
-  1. replica A serves on a free loopback port; B and C connect to it as live clients (a hub;
-     B's writes reach C through A, a relay);
+  0. each replica gets its Ed25519 key pair; A trusts B's and C's keys (read-write), B and C
+     expect A's key; A gets a self-signed TLS certificate that B and C pin;
+  1. replica A serves wss:// on a free loopback port, admitting trusted keys only; B and C
+     connect to it as live clients (a hub; B's writes reach C through A, a relay), each
+     proving its key and checking A's; a stranger with an untrusted key is refused;
   2. all three write through the stores (topics, events, handler state) and converge live;
   3. commit-to-visible latency B -> A -> C is sampled;
   4. C is cut off (its live client closed) and keeps writing; A and B write too, including a
@@ -43,6 +46,12 @@ from typing import Any
 import msgspec
 
 from engine import Database
+
+from .errors import UnknownPeerError
+from .identity import load_identity
+from .peer import Peer
+from .tls import client_context, server_context, write_self_signed
+from .trust import trust_peer
 
 __all__ = ["main", "table_checksums", "TableChecksum"]
 
@@ -90,8 +99,9 @@ class _ReplicaLoop:
     JSON line. A failing command answers {"error": "..."} instead of killing the replica.
     """
 
-    def __init__(self, name: str, db: Database, *, serve: bool, url: str | None, token: str | None):
-        self.name, self.db, self.url, self.token = name, db, url, token
+    def __init__(self, name: str, db: Database, *, serve: bool, url: str | None, tls: "_DemoTls",
+                 server_key: str | None):
+        self.name, self.db, self.url, self.tls, self.server_key = name, db, url, tls, server_key
         self.server = None
         self.client = None
         self.serve = serve
@@ -102,7 +112,8 @@ class _ReplicaLoop:
         from . import websocket
 
         if self.serve:
-            self.server = websocket.serve(self.db, "127.0.0.1", 0, token=self.token)
+            self.server = websocket.serve(self.db, "127.0.0.1", 0, require_keys=True,
+                                          ssl=server_context(self.tls.cert, self.tls.key))
         if self.url:
             self.op_connect({})
         return {"ready": True, "site_id": self.db.site_id, "url": self.server.url if self.server else None}
@@ -186,7 +197,8 @@ class _ReplicaLoop:
     def op_connect(self, command: dict) -> dict:
         from . import websocket
 
-        self.client = websocket.connect(self.db, self.url, token=self.token)
+        self.client = websocket.connect(self.db, self.url, server_key=self.server_key,
+                                        ssl=client_context(cafile=self.tls.cert))
         self.client.wait_connected(REPLY_TIMEOUT_S)
         return {"connected": True}
 
@@ -214,7 +226,8 @@ def _run_replica(args: argparse.Namespace) -> int:
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     sys.stdout = sys.stderr
     with Database.open(args.db) as db:
-        loop = _ReplicaLoop(args.replica, db, serve=args.serve, url=args.connect, token=args.token)
+        loop = _ReplicaLoop(args.replica, db, serve=args.serve, url=args.connect,
+                            tls=_DemoTls(Path(args.db).parent), server_key=args.server_key)
         try:
             out.write(json.dumps(loop.start()) + "\n")
             out.flush()
@@ -230,15 +243,16 @@ def _run_replica(args: argparse.Namespace) -> int:
 class _Replica:
     """The orchestrator's handle on one replica process (a context manager that reaps it)."""
 
-    def __init__(self, name: str, data_dir: Path, *, serve: bool = False, url: str | None = None, token: str):
+    def __init__(self, name: str, data_dir: Path, *, serve: bool = False, url: str | None = None,
+                 server_key: str | None = None):
         self.name = name
         self.path = data_dir / f"{name}.db"
         self.log_path = data_dir / f"{name}.log"
-        argv = [sys.executable, "-m", "sync.demo", "--replica", name, "--db", str(self.path), "--token", token]
+        argv = [sys.executable, "-m", "sync.demo", "--replica", name, "--db", str(self.path)]
         if serve:
             argv.append("--serve")
         if url:
-            argv += ["--connect", url]
+            argv += ["--connect", url, "--server-key", server_key]
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
@@ -345,18 +359,59 @@ def _print_proof(replicas: list[_Replica]) -> bool:
     return identical
 
 
+class _DemoTls:
+    """The hub's self-signed certificate in the data directory (the clients pin it)."""
+
+    def __init__(self, data_dir: Path):
+        self.cert, self.key = data_dir / "hub-cert.pem", data_dir / "hub-key.pem"
+
+    def create(self) -> None:
+        write_self_signed(self.cert, self.key, hosts=["127.0.0.1"])
+
+
+def _introduce(data_dir: Path) -> str:
+    """Create the three replicas with their keys; A trusts B and C (read-write). Returns A's
+    public key, which B and C expect from their server."""
+    keys = {}
+    for name in ("A", "B", "C"):
+        with Database.open(data_dir / f"{name}.db") as db:
+            keys[name] = load_identity(db).public_text
+    with Database.open(data_dir / "A.db") as hub:
+        for name in ("B", "C"):
+            trust_peer(hub, keys[name], name=name, can="write")
+    return keys["A"]
+
+
+def _stranger_is_refused(data_dir: Path, url: str, hub_key: str, tls: _DemoTls) -> str:
+    """A fourth replica whose key A does not trust tries one round; returns the refusal."""
+    with Database.open(data_dir / "stranger.db") as db:
+        try:
+            Peer(db).sync_with(url, server_key=hub_key, ssl=client_context(cafile=tls.cert))
+        except UnknownPeerError as refused:
+            if any(table.rows for table in table_checksums(db)):
+                raise RuntimeError("the stranger was refused but received data") from refused
+            return f"{type(refused).__name__}: {refused.remote_message}"
+    raise RuntimeError("the stranger was admitted")
+
+
 def run_demo(data_dir: Path) -> bool:
     """The scenario; returns True when the three databases end identical."""
-    token = os.urandom(8).hex()
     t0 = time.monotonic()
     step = lambda text: print(f"[{time.monotonic() - t0:5.1f}s] {text}", flush=True)  # noqa: E731
+    tls = _DemoTls(data_dir)
+    tls.create()
+    hub_key = _introduce(data_dir)
+    step(f"keys created; A ({hub_key}) trusts B and C; TLS certificate for A made")
 
-    with _Replica("A", data_dir, serve=True, token=token) as a:
+    with _Replica("A", data_dir, serve=True) as a:
         url = a.info["url"]
-        step(f"A (site {a.info['site_id'][:8]}) serves on {url}")
-        with _Replica("B", data_dir, url=url, token=token) as b, _Replica("C", data_dir, url=url, token=token) as c:
+        step(f"A (site {a.info['site_id'][:8]}) serves on {url}, trusted keys only")
+        with _Replica("B", data_dir, url=url, server_key=hub_key) as b, \
+                _Replica("C", data_dir, url=url, server_key=hub_key) as c:
             everyone = [a, b, c]
-            step(f"B (site {b.info['site_id'][:8]}) and C (site {c.info['site_id'][:8]}) connected live")
+            step(f"B (site {b.info['site_id'][:8]}) and C (site {c.info['site_id'][:8]}) connected live, "
+                 "keys proven both ways over TLS")
+            step(f"a stranger's key is refused: {_stranger_is_refused(data_dir, url, hub_key, tls)}")
 
             for r in everyone:
                 r.send("write", tag="live", count=40)
@@ -406,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--connect", help=argparse.SUPPRESS)
-    parser.add_argument("--token", help=argparse.SUPPRESS)
+    parser.add_argument("--server-key", help=argparse.SUPPRESS)
     return parser
 
 

@@ -3,13 +3,22 @@
     SyncError                      root: anything sync refuses or cannot do
     ├── ProtocolError              malformed, truncated, oversized or unexpected message (code "protocol")
     │   ├── MessageTooLargeError   a message above the size limit (code "too_large")
-    │   └── InvalidChangeError     a change for an unknown table/column, a bad pk or site id (code "invalid_change")
-    ├── AuthError                  missing or wrong token (code "auth")
+    │   ├── InvalidChangeError     a change for an unknown table/column, a bad pk or site id (code "invalid_change")
+    │   └── MalformedChallengeError  a key handshake field of the wrong size or out of turn (code "bad_challenge")
+    ├── AuthError                  missing or wrong token, no key where one is required (code "auth")
+    │   ├── UnknownPeerError       the client's public key is not in the trust list (code "unknown_peer")
+    │   ├── UntrustedServerError   the server proved no key, or not the expected one (code "untrusted_server")
+    │   ├── BadSignatureError      a handshake signature does not verify (code "bad_signature")
+    │   ├── ReplayError            a handshake nonce seen before within its window (code "replay"; retryable)
+    │   ├── ExpiredChallengeError  the challenge was answered too late (code "expired_challenge"; retryable)
+    │   └── NotAuthorizedError     a trusted peer wrote beyond its grant: read-only or a table not
+    │                              on its list (code "not_authorized"; carries `table`, `peer_name`)
     ├── SchemaMismatchError        the peers' CRR schemas differ (code "schema_mismatch")
     ├── DuplicateSiteError         two database files share one site id: a copy (code "duplicate_site")
     ├── ApplyError                 merging valid changes failed locally (code "apply_failed")
     ├── CorruptFileError           an export file is truncated, tampered or not ours (code "corrupt_file")
     ├── TransportError             could not connect, connection lost or closed mid-round (carries `url`)
+    │   └── TLSError               TLS failed: ws:// against a TLS server or the reverse, a refused certificate
     └── PeerRefusedError           the remote sent an Error message: carries `code` and `message`
 
 A refusal received from the remote is raised as `PeerRefusedError` combined with the local
@@ -18,8 +27,9 @@ remote noticed it, and `except PeerRefusedError` catches every remote refusal:
 
     RefusedAuthError(PeerRefusedError, AuthError), RefusedSchemaMismatchError(...), ...
 
-`permanent` is true for errors a retry will not fix (AuthError, SchemaMismatchError,
-DuplicateSiteError and their refusals): a reconnecting client stops on them.
+`permanent` is true for errors a retry will not fix (AuthError and its subclasses except
+ReplayError and ExpiredChallengeError, SchemaMismatchError, DuplicateSiteError, TLSError, and
+their refusals): a reconnecting client stops on them.
 
 Every error has a `code` (the wire code sent in an `Error` message) and its facts as
 attributes (table, column, fingerprints, site ids, ...).
@@ -32,12 +42,20 @@ __all__ = [
     "ProtocolError",
     "MessageTooLargeError",
     "InvalidChangeError",
+    "MalformedChallengeError",
     "AuthError",
+    "UnknownPeerError",
+    "UntrustedServerError",
+    "BadSignatureError",
+    "ReplayError",
+    "ExpiredChallengeError",
+    "NotAuthorizedError",
     "SchemaMismatchError",
     "DuplicateSiteError",
     "ApplyError",
     "CorruptFileError",
     "TransportError",
+    "TLSError",
     "PeerRefusedError",
     "refusal",
 ]
@@ -80,9 +98,73 @@ class InvalidChangeError(ProtocolError):
         super().__init__(message)
 
 
+class MalformedChallengeError(ProtocolError):
+    """A key-handshake field of the wrong size, missing, or a handshake message out of turn."""
+
+    code = "bad_challenge"
+
+
 class AuthError(SyncError):
+    """The peer did not prove who it is (token or key); nothing was read or applied."""
+
     code = "auth"
     permanent = True
+
+
+class UnknownPeerError(AuthError):
+    """The client's public key is not in this replica's trust list (`crdt-sync trust`)."""
+
+    code = "unknown_peer"
+    public_key = ""
+
+    def __init__(self, message: str, *, public_key: str = ""):
+        self.public_key = public_key
+        super().__init__(message)
+
+
+class UntrustedServerError(AuthError):
+    """The server proved no key, or a key other than the one this client expects."""
+
+    code = "untrusted_server"
+    public_key = ""
+
+    def __init__(self, message: str, *, public_key: str = ""):
+        self.public_key = public_key
+        super().__init__(message)
+
+
+class BadSignatureError(AuthError):
+    """A handshake signature does not verify with the key the peer announced."""
+
+    code = "bad_signature"
+
+
+class ReplayError(AuthError):
+    """A handshake nonce this side saw before within its window: a recorded hello sent again.
+    A genuine peer's next attempt uses a fresh nonce, so a retry may succeed."""
+
+    code = "replay"
+    permanent = False
+
+
+class ExpiredChallengeError(AuthError):
+    """The answer to a challenge came after the challenge expired; a new connection gets a
+    new challenge."""
+
+    code = "expired_challenge"
+    permanent = False
+
+
+class NotAuthorizedError(AuthError):
+    """A trusted peer tried to write what its grant does not allow (it is read-only, or the
+    table is not on its list). The whole page is refused and nothing of it is applied."""
+
+    code = "not_authorized"
+    table = peer_name = ""
+
+    def __init__(self, message: str, *, table: str = "", peer_name: str = ""):
+        self.table, self.peer_name = table, peer_name
+        super().__init__(message)
 
 
 class SchemaMismatchError(SyncError):
@@ -143,6 +225,14 @@ class TransportError(SyncError):
         super().__init__(message)
 
 
+class TLSError(TransportError):
+    """TLS could not be set up: a ws:// client against a wss:// server (or the reverse), or a
+    certificate the client refused. Retrying the same way will not help."""
+
+    code = "tls"
+    permanent = True
+
+
 class PeerRefusedError(SyncError):
     """The remote peer answered with an Error message."""
 
@@ -172,6 +262,34 @@ class RefusedAuthError(PeerRefusedError, AuthError):
     pass
 
 
+class RefusedMalformedChallengeError(PeerRefusedError, MalformedChallengeError):
+    pass
+
+
+class RefusedUnknownPeerError(PeerRefusedError, UnknownPeerError):
+    pass
+
+
+class RefusedUntrustedServerError(PeerRefusedError, UntrustedServerError):
+    pass
+
+
+class RefusedBadSignatureError(PeerRefusedError, BadSignatureError):
+    pass
+
+
+class RefusedReplayError(PeerRefusedError, ReplayError):
+    pass
+
+
+class RefusedExpiredChallengeError(PeerRefusedError, ExpiredChallengeError):
+    pass
+
+
+class RefusedNotAuthorizedError(PeerRefusedError, NotAuthorizedError):
+    pass
+
+
 class RefusedSchemaMismatchError(PeerRefusedError, SchemaMismatchError):
     pass
 
@@ -188,7 +306,14 @@ _REFUSALS: dict[str, type[PeerRefusedError]] = {
     "protocol": RefusedProtocolError,
     "too_large": RefusedMessageTooLargeError,
     "invalid_change": RefusedInvalidChangeError,
+    "bad_challenge": RefusedMalformedChallengeError,
     "auth": RefusedAuthError,
+    "unknown_peer": RefusedUnknownPeerError,
+    "untrusted_server": RefusedUntrustedServerError,
+    "bad_signature": RefusedBadSignatureError,
+    "replay": RefusedReplayError,
+    "expired_challenge": RefusedExpiredChallengeError,
+    "not_authorized": RefusedNotAuthorizedError,
     "schema_mismatch": RefusedSchemaMismatchError,
     "apply_failed": RefusedApplyError,
     "duplicate_site": RefusedDuplicateSiteError,

@@ -6,7 +6,7 @@ Every message on the wire (and every frame of an export file) is one encoded `En
 
 Messages:
     Hello(site_id, schema_version, fingerprint, db_version, token, live, watermark,
-          incarnation, seen_incarnation)
+          incarnation, seen_incarnation, key, nonce, can)
         First message of each side: who it is, its schema, its current db_version (for
         progress). The client's Hello carries the token and whether it wants live mode; the
         server's Hello carries `watermark`: the *client's* db_version up to which the server
@@ -14,7 +14,17 @@ Messages:
         sender's `incarnation`; the server's also its record of the client: "I hold your
         changes up to `watermark`, the last ones from your `seen_incarnation`". The client
         refuses to go on if its file does not continue that history (a copy: see
-        engine.lineage and DuplicateSiteError).
+        engine.lineage and DuplicateSiteError). With key authentication the client's Hello
+        carries its Ed25519 public `key` and a fresh `nonce`, and the server's Hello (sent
+        only after the Proof) its grant `can` ("read" or "write"; "" when the client was
+        admitted by token or openly).
+    Challenge(site_id, key, nonce, issued_at, signature, bound)
+        The server's answer to a Hello with a key: its site, public key, fresh nonce, the time
+        of issue and its signature of the session transcript (sync.challenge); `bound`: the
+        transcript includes the TLS channel binding.
+    Proof(signature)
+        The client's signature of the same transcript. Only then does the server read its
+        database and reply with its Hello.
     Pull(since, seen_incarnation)
         The client's answer to the server's Hello: send me your changes after your
         db_version `since` (the watermark the client holds for the server), the last ones
@@ -61,6 +71,8 @@ __all__ = [
     "ChangeRow",
     "Change",
     "Hello",
+    "Challenge",
+    "Proof",
     "Pull",
     "Changes",
     "Ack",
@@ -94,6 +106,9 @@ def parse_site_id(text: str) -> str:
 _SiteBlob = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 _PkBlob = Annotated[bytes, msgspec.Meta(min_length=2)]
+_KeyBytes = Annotated[bytes, msgspec.Meta(max_length=128)]
+"""Keys, nonces, signatures: bounded here, their exact sizes checked by sync.challenge (which
+raises the typed MalformedChallengeError)."""
 
 ChangeRow = tuple[_Name, _PkBlob, _Name, Any, _U63, _U63, _SiteBlob, _U63, _U63]
 """One change as it travels: table, pk, cid, val, col_version, db_version, site_id, cl, seq.
@@ -128,6 +143,22 @@ class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
     watermark: _U63 | None = None
     incarnation: _Incarnation = ""
     seen_incarnation: _Incarnation = ""
+    key: _KeyBytes | None = None
+    nonce: _KeyBytes | None = None
+    can: Annotated[str, msgspec.Meta(max_length=16)] = ""
+
+
+class Challenge(msgspec.Struct, tag="challenge", array_like=True, frozen=True):
+    site_id: SiteHex
+    key: _KeyBytes
+    nonce: _KeyBytes
+    issued_at: _U63
+    signature: _KeyBytes
+    bound: bool = False
+
+
+class Proof(msgspec.Struct, tag="proof", array_like=True, frozen=True):
+    signature: _KeyBytes
 
 
 class Pull(msgspec.Struct, tag="pull", array_like=True, frozen=True):
@@ -157,7 +188,7 @@ class Error(msgspec.Struct, tag="error", array_like=True, frozen=True):
     message: Annotated[str, msgspec.Meta(max_length=4096)]
 
 
-Message = Union[Hello, Pull, Changes, Ack, Error]
+Message = Union[Hello, Challenge, Proof, Pull, Changes, Ack, Error]
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True):

@@ -3,13 +3,16 @@
 A `Session` is one side of one connection. It reads and writes its own database (pages
 out, merges in) but never touches a socket: a transport feeds it the bytes it received
 and sends the bytes it returns. The in-process transport (sync.peer), the WebSocket
-transport (sync.websocket) and the tests' lossy channel all drive the same machine.
+transport (sync.websocket), its asyncio twin (sync.aio) and the tests' lossy channel all
+drive the same machine.
 
 Transport contract
 ------------------
 Create:   `session = peer.session(Role.CLIENT, token=..., live=False)` on the connecting side,
           `session = peer.session(Role.SERVER)` per accepted connection (the server's token
-          comes from `Peer(db, token=...)`).
+          and key requirement come from `Peer(db, token=..., require_keys=...)`). A client
+          that expects a server key passes `server_key=`; a TLS transport passes the
+          connection's `binding=` (sync.tls.channel_binding) on both sides.
 Start:    `out = session.start()` — the client gets `[hello]`, the server `[]`.
 Receive:  for every message received (one binary frame = one message):
               `out = session.receive(data)`
@@ -44,8 +47,10 @@ Outcome:  `session.result` (a `SyncResult`, updated live: pulled/pushed counts, 
 
 One round (what goes over the wire):
     client                                server
-    Hello(site, schema, token, live) ──▶
-                                     ◀──  Hello(site, schema, watermark for the client)   (or Error)
+    Hello(site, schema, token, live[, key, nonce]) ──▶
+                                     ◀──  Challenge(key, nonce, signature)   (key authentication only,
+    Proof(signature) ──▶                                                      see sync.handshake)
+                                     ◀──  Hello(site, schema, watermark for the client, grant)   (or Error)
     Pull(since = watermark for server) ─▶
                                      ◀──  Changes page 1 .. n (last has caught_up)         pull
     Ack(upto, part, watermark) per page ─▶
@@ -92,7 +97,6 @@ the session's life when `streaming`). Many sessions may share one Peer and one D
 from __future__ import annotations
 
 import collections
-import hmac
 import itertools
 import logging
 from collections.abc import Callable
@@ -106,11 +110,22 @@ from engine.errors import EngineError
 
 from . import hops
 from .changes import Limits
-from .errors import ApplyError, AuthError, DuplicateSiteError, ProtocolError, SchemaMismatchError, SyncError, refusal
+from .errors import (
+    ApplyError,
+    DuplicateSiteError,
+    MalformedChallengeError,
+    ProtocolError,
+    SchemaMismatchError,
+    SyncError,
+    refusal,
+)
+from .handshake import ClientHandshake, ServerHandshake
+from .identity import format_public_key
 from .inbox import Inbox
 from .outbox import Outbox
 from .watermarks import PeerRecord, peer_record, record_ack
-from .protocol import Ack, Changes, Error, Hello, Message, Pull, decode, encode
+from .protocol import Ack, Challenge, Changes, Error, Hello, Message, Proof, Pull, decode, encode
+from .trust import Grant, authorize_write
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -157,6 +172,8 @@ class SyncResult(msgspec.Struct):
     push_from: int = 0
     push_to: int = 0
     pushed_upto: int = 0
+    remote_key: str = ""   # the peer's public key when it proved one (key authentication)
+    read_only: bool = False  # client: the server granted read only, so nothing was pushed
 
 
 class Session:
@@ -164,7 +181,7 @@ class Session:
 
     def __init__(self, peer: "Peer", role: Role, *, token: str | None = None, live: bool = False,
                  limits: Limits | None = None, progress: Callable[[SyncResult], None] | None = None,
-                 streaming: bool = False):
+                 server_key: bytes | None = None, binding: bytes = b"", streaming: bool = False):
         self.peer = peer
         self.db = peer.db
         self.role = Role(role)
@@ -188,13 +205,18 @@ class Session:
         self._send_done = False
         self._recv_done = False
         self._closed = False
+        self._pending_hello: Hello | None = None  # server: the client's hello, until its proof
+        if self.role is Role.SERVER:
+            self._admission = ServerHandshake(peer, binding=binding)
+        else:
+            self._verification = ClientHandshake(peer, server_key=server_key, binding=binding)
 
     # -- the transport's calls -------------------------------------------------------
 
     def start(self) -> list[bytes]:
         """The messages that open the connection: the client's Hello, nothing for the server."""
         if self.role is Role.CLIENT:
-            return [self._encode(self._hello(token=self.token, live=self.live))]
+            return [self._encode(self._hello(token=self.token, live=self.live, **self._verification.hello_fields()))]
         return []
 
     def receive(self, data: bytes) -> list[bytes]:
@@ -296,9 +318,7 @@ class Session:
             log.warning("sync session %s: refused by peer: %s", self._name(), self.error)
             return []
         if self.remote is None:
-            if not isinstance(message, Hello):
-                raise ProtocolError(f"expected hello first, got {type(message).__name__.lower()}")
-            return self._on_hello(message)
+            return self._opening(message)
         if isinstance(message, Changes):
             return self._on_changes(message)
         if isinstance(message, Ack):
@@ -307,9 +327,29 @@ class Session:
             return self._on_pull(message)
         raise ProtocolError(f"unexpected {type(message).__name__.lower()} message in state {self.state.value}")
 
-    def _on_hello(self, hello: Hello) -> list[bytes]:
+    def _opening(self, message: Message) -> list[bytes]:
+        """The messages before the round: hello, and with key authentication challenge/proof."""
         if self.role is Role.SERVER:
-            self._check_token(hello.token)  # before anything of this database is read
+            if self._pending_hello is None:
+                if not isinstance(message, Hello):
+                    raise ProtocolError(f"expected hello first, got {type(message).__name__.lower()}")
+                challenge = self._admission.on_hello(message)  # before anything of this database is read
+                if challenge is None:
+                    return self._on_hello(message)
+                self._pending_hello = message
+                return [self._encode(challenge)]
+            if not isinstance(message, Proof):
+                raise MalformedChallengeError(f"expected the proof of the client's key, got {type(message).__name__.lower()}")
+            self._admission.on_proof(message)
+            return self._on_hello(self._pending_hello)
+        if isinstance(message, Challenge):
+            return [self._encode(self._verification.on_challenge(message))]
+        if not isinstance(message, Hello):
+            raise ProtocolError(f"expected hello first, got {type(message).__name__.lower()}")
+        self._verification.on_server_hello(message)
+        return self._on_hello(message)
+
+    def _on_hello(self, hello: Hello) -> list[bytes]:
         self._check_compatible(hello)
         self.remote = hello
         self.result.remote_site = hello.site_id
@@ -321,7 +361,16 @@ class Session:
         if self.role is Role.SERVER:
             self.live = hello.live
             self.state = State.SYNCING
-            return [self._encode(self._hello(watermark=held.received, seen=held.incarnation, live=hello.live))]
+            grant = self._admission.grant
+            if self._admission.client_key is not None:
+                self.result.remote_key = format_public_key(self._admission.client_key)
+            if grant is not None and grant.can is Grant.READ:
+                self._recv_done = True  # a reader pushes nothing; its round ends with our stream
+            can = grant.can.value if grant is not None else ""
+            return [self._encode(self._hello(watermark=held.received, seen=held.incarnation, live=hello.live, can=can))]
+        if self._verification.verified:
+            self.result.remote_key = format_public_key(self._verification.peer_key)
+        self.result.read_only = hello.can == Grant.READ.value
         if hello.watermark is None:
             raise ProtocolError("the server's hello lacks the watermark it holds for this client")
         self._check_continues(hello.seen_incarnation, hello.watermark)
@@ -370,6 +419,8 @@ class Session:
     def _on_changes(self, page: Changes) -> list[bytes]:
         if self.role is Role.CLIENT and self._outbox is None and self._recv_done:
             raise ProtocolError("changes after the server's stream ended")
+        if self.role is Role.SERVER and self._admission.grant is not None:
+            authorize_write(self._admission.grant, {row[0] for row in page.rows})  # before anything is applied
         outcome = self._inbox.apply(page)
         if outcome.fresh:
             if not page.more_parts:
@@ -382,7 +433,9 @@ class Session:
         out = [self._encode(Ack(page.upto, page.part, outcome.watermark, outcome.impacted, covered))]
         if page.caught_up and not page.more_parts and not self._recv_done:
             self._recv_done = True
-            if self.role is Role.CLIENT:
+            if self.role is Role.CLIENT and self.result.read_only:
+                self._send_done = True  # the server would refuse our pages: nothing to push
+            elif self.role is Role.CLIENT:
                 self._outbox = Outbox(self.db, self.remote.site_id, self._push_since, self.limits, self._inbox.echo)
                 self._may_send = True
                 out += self._pump()
@@ -484,7 +537,7 @@ class Session:
     # -- helpers -------------------------------------------------------------------------
 
     def _hello(self, *, token: str | None = None, live: bool = False, watermark: int | None = None,
-               seen: str = "") -> Hello:
+               seen: str = "", key: bytes | None = None, nonce: bytes | None = None, can: str = "") -> Hello:
         return Hello(
             site_id=self.db.site_id,
             schema_version=self.peer.schema_version,
@@ -495,16 +548,10 @@ class Session:
             watermark=watermark,
             incarnation=self.db.incarnation,
             seen_incarnation=seen,
+            key=key,
+            nonce=nonce,
+            can=can,
         )
-
-    def _check_token(self, token: str | None) -> None:
-        expected = self.peer.token
-        if expected is None:
-            return
-        if token is None:
-            raise AuthError("this peer requires a token and none was presented")
-        if not hmac.compare_digest(token.encode(), expected.encode()):
-            raise AuthError("the presented token is wrong")
 
     def _check_compatible(self, hello: Hello) -> None:
         if hello.site_id == self.db.site_id:

@@ -46,3 +46,15 @@ def test_unknown_benchmark_id_is_refused(tmp_path):
     assert completed.returncode != 0
     assert "unknown benchmark(s) B99" in completed.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_quick_run_of_b8_measures_each_authentication_mode(tmp_path):
+    out = tmp_path / "results.json"
+    completed = subprocess.run(
+        [sys.executable, "bench/run.py", "B10", "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    rows = {row["id"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"B10-keys", "B10-tls"}
+    for row in rows.values():
+        assert row["unit"] == "ms" and row["ours"] > 0 and row["baseline"] > 0 and not row["notes"].startswith("failed")

@@ -62,7 +62,8 @@ def test_every_command_and_option_has_help():
     parser = build_parser()
     commands = _subcommands(parser)
     helps = {choice.dest: choice.help for choice in commands._choices_actions}
-    assert set(helps) == {"init", "status", "doctor", "serve", "sync", "export", "import"}
+    assert set(helps) == {"init", "id", "trust", "untrust", "status", "doctor", "serve", "sync", "export", "import",
+                          "clone"}
     for name, subparser in commands.choices.items():
         assert helps[name], f"command {name!r} has no help text"
         for action in subparser._actions:
@@ -70,7 +71,8 @@ def test_every_command_and_option_has_help():
 
 
 def test_help_of_each_command_prints(capsys):
-    for name in ("init", "status", "doctor", "serve", "sync", "export", "import"):
+    for name in ("init", "id", "trust", "untrust", "status", "doctor", "serve", "sync", "export", "import",
+                 "clone"):
         with pytest.raises(SystemExit) as exited:
             main([name, "--help"])
         assert exited.value.code == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 
+import apsw
 import msgspec
 import pytest
 
@@ -188,7 +189,7 @@ def test_an_ack_for_a_page_never_sent_is_refused(setup):
 
 # -- pages ---------------------------------------------------------------------------------
 
-def _bad_pages(a: Database) -> dict[str, tuple[list, str, str]]:
+def _bad_pages(a: Database, b: Database) -> dict[str, tuple[list, str, str]]:
     good = [list(r) for r in changes_of(a)]
     upto = a.db_version
 
@@ -215,24 +216,69 @@ def _bad_pages(a: Database) -> dict[str, tuple[list, str, str]]:
         "negative-version": (variant(-1, 4, -1), "protocol", ">= 0"),
         "outside-range": (variant(-1, 5, upto + 7), "protocol", "holds changes of db_version"),
         "string-pk": (variant(-1, 1, "t1"), "protocol", "Expected `bytes`"),
+        # a change that looks like the receiver's own write (merged as local, re-sent to all)
+        "receivers-own-site-id": (variant(-1, 6, bytes.fromhex(b.site_id)), "invalid_change", "own site id"),
+        # extreme clocks that would brick a column or row for good (see the test below)
+        "max-col-version": (variant(-1, 4, 2**63 - 1), "invalid_change", "col_version 9223372036854775807 outside"),
+        "max-cl": (variant(-1, 7, 2**63 - 1), "invalid_change", "cl 9223372036854775807 outside"),
+        "zero-cl": (variant(-1, 7, 0), "invalid_change", "cl 0 outside 1..2**53"),
+        "zero-col-version": (variant(-1, 4, 0), "invalid_change", "col_version 0 outside"),
+        "huge-seq": (variant(-1, 8, 2**60), "invalid_change", "seq 1152921504606846976 outside"),
     }
 
 
 BAD_PAGES = ["unknown-table", "unknown-column", "pk-column-as-cid", "empty-pk", "truncated-pk", "two-column-pk",
              "zero-column-pk", "trailing-pk", "bad-type-pk", "null-pk", "invalid-utf8-pk", "list-value",
-             "huge-int", "short-site-id", "negative-version", "outside-range", "string-pk"]
+             "huge-int", "short-site-id", "negative-version", "outside-range", "string-pk",
+             "receivers-own-site-id", "max-col-version", "max-cl", "zero-cl", "zero-col-version", "huge-seq"]
 
 
 @pytest.mark.parametrize("kind", BAD_PAGES)
 def test_a_bad_change_rejects_its_whole_page(setup, kind):
     a, b, peer = setup
-    rows, code, fragment = _bad_pages(a)[kind]
+    rows, code, fragment = _bad_pages(a, b)[kind]
     server = open_server(a, peer)
     page = raw([1, ["changes", 0, a.db_version, rows, 0, False, True]])
     error = reply_error(server.receive(page))
     assert error.code == code and fragment in error.message, error.message
     assert isinstance(server.error, InvalidChangeError if code == "invalid_change" else ProtocolError)
     assert_untouched(b)  # the valid rows before the bad one were not applied either
+
+
+@pytest.mark.parametrize("column, value, breaks", [
+    ("col_version", 2**63 - 1, "UPDATE topics SET name = 'later' WHERE id = 't1'"),
+    ("cl", 2**63 - 1, "DELETE FROM topics WHERE id = 't1'"),
+])
+def test_cr_sqlite_itself_is_bricked_by_extreme_clocks_which_is_why_pages_bound_them(open_db, column, value, breaks):
+    """The reproduction behind the clock bounds: merged straight into crsql_changes (no sync
+    validation), such a change makes every later local write of that column/row fail."""
+    a, victim = open_db("a"), open_db("victim")
+    topic(a, "t1", "x")
+    rows = [list(r) for r in changes_of(a)]
+    index = CHANGE_COLUMNS.replace('"', "").split(", ").index(column)
+    for row in rows:
+        row[index] = value
+    with victim.transaction() as tx:
+        tx.executemany(f"INSERT INTO crsql_changes ({CHANGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    with pytest.raises(apsw.Error):
+        with victim.transaction() as tx:
+            tx.execute(breaks)
+
+
+def test_a_forged_change_with_the_receivers_site_id_is_never_merged_over_a_live_link(open_db):
+    """End to end: the server refuses the page; the client's data is unchanged, nothing re-sent."""
+    a, b = open_db("a"), open_db("b")
+    topic(b, "t1", "mine")
+    forged = [list(r) for r in changes_of(b)]
+    for row in forged:
+        row[3] = "forged" if row[2] == "name" else row[3]
+        row[4] = 99  # would win every LWW comparison
+    peer = Peer(b)
+    server = peer.session("server")
+    server.receive(hello(a))
+    error = reply_error(server.receive(raw([1, ["changes", 0, 5, forged, 0, False, True]])))
+    assert error.code == "invalid_change" and "own site id" in error.message
+    assert state(b)[0][2] == "mine"
 
 
 def test_a_page_after_a_gap_is_refused(setup):

@@ -24,9 +24,9 @@ from engine import Database
 
 from .. import hops
 from ..errors import TransportError
-from ..session import Session
+from ..session import Session, State, SyncResult
 
-__all__ = ["Channel", "TransportStats", "CLOSE_TIMEOUT"]
+__all__ = ["Channel", "TransportStats", "Timeouts", "CLOSE_TIMEOUT", "INBOX_FRAMES", "closed_reason"]
 
 log = logging.getLogger("sync.websocket")
 
@@ -51,6 +51,13 @@ class TransportStats:
             self.changes_received += received
             self.changes_applied += applied
 
+    def follow(self, result: SyncResult, counted: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Add what a session moved since `counted` (its pushed, pulled, applied when last
+        counted); returns the new `counted`."""
+        pushed, pulled, applied = counted
+        self.add(sent=result.pushed - pushed, received=result.pulled - pulled, applied=result.applied - applied)
+        return result.pushed, result.pulled, result.applied
+
     def __repr__(self) -> str:
         return (
             f"<TransportStats connections={self.connections} sent={self.changes_sent} "
@@ -58,10 +65,70 @@ class TransportStats:
         )
 
 
+class Timeouts:
+    """The waits of one channel: `idle_timeout` seconds between two frames, and one deadline
+    `handshake_timeout` seconds after the start for the whole opening exchange (a silent or
+    stalling peer must not hold a server thread or task). None: no limit. While the session
+    holds a merge open (`Session.holding_merge`), `limits.merge_patience` seconds after the
+    last frame: then the merge is released (`patience_over`)."""
+
+    def __init__(self, label: str, idle_timeout: float | None, handshake_timeout: float | None):
+        self.label = label
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.deadline = None if handshake_timeout is None else time.monotonic() + handshake_timeout
+        self.last_frame = time.monotonic()
+
+    def frame_received(self) -> None:
+        self.last_frame = time.monotonic()
+
+    def next_wait(self, session: Session) -> float | None:
+        """How long the next wait for a frame may last: the idle timeout, cut short by the
+        handshake deadline while the session is still in its handshake, and by the merge
+        patience while it holds a merge open."""
+        if self.deadline is not None and session.state is not State.HANDSHAKE:
+            self.deadline = None
+        wait = self.idle_timeout
+        if self.deadline is not None:
+            wait = _shorter(wait, max(0.0, self.deadline - time.monotonic()))
+        if session.holding_merge:
+            wait = _shorter(wait, max(0.0, self._patience_left(session)))
+        return wait
+
+    def patience_over(self, session: Session) -> bool:
+        """The session holds a merge open and nothing arrived for `merge_patience` seconds."""
+        return session.holding_merge and self._patience_left(session) <= 0
+
+    def _patience_left(self, session: Session) -> float:
+        return session.limits.merge_patience - (time.monotonic() - self.last_frame)
+
+    def expired(self) -> TransportError:
+        """The error for a wait that ran out."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return TransportError(f"{self.label}: handshake not complete after {self.handshake_timeout:g}s")
+        return TransportError(f"{self.label}: nothing received for {self.idle_timeout:g}s")
+
+
+def _shorter(wait: float | None, limit: float) -> float:
+    return limit if wait is None else min(wait, limit)
+
+
+def closed_reason(exc: ConnectionClosed | None) -> str:
+    """Why a connection ended, in words (for errors and logs), from its close exception."""
+    if exc is None:
+        return "closed"
+    frame = exc.rcvd or exc.sent
+    if frame is not None and frame.code == _CLOSE_TOO_BIG:
+        return "a message exceeded the size limit (WebSocket close 1009)"
+    if frame is None:
+        return "connection lost without a close frame"
+    return f"closed with code {frame.code}" + (f" ({frame.reason})" if frame.reason else "")
+
+
 
 _CLOSED = object()  # inbox token: the connection is gone
 _WAKE = object()  # inbox token: look at the wake flag
-_INBOX_FRAMES = 64  # a well-behaved peer has one page and one ack in flight; this bounds a flood
+INBOX_FRAMES = 64  # a well-behaved peer has one page and one ack in flight; this bounds a flood
 
 
 class Channel:
@@ -80,7 +147,7 @@ class Channel:
         self.label = label
         self.stats = stats
         self.close_exc: ConnectionClosed | None = None
-        self._inbox: queue.Queue = queue.Queue(maxsize=_INBOX_FRAMES)
+        self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_FRAMES)
         self._wake_pending = threading.Event()
         self._counted = (0, 0, 0)
         # sync.hops timing points (only with hops.ENABLED): when the last commit ended, when
@@ -107,14 +174,18 @@ class Channel:
         *,
         db: Database | None = None,
         idle_timeout: float | None = None,
+        handshake_timeout: float | None = None,
         on_progress: Callable[[Session], None] | None = None,
     ) -> None:
         """Drive the session until it finishes or the connection closes; always closes the socket.
         With `db`, the session is woken (`local_changes()`) after every commit to it.
 
         Raises:
-            TransportError: nothing arrived for `idle_timeout` seconds.
+            TransportError: nothing arrived for `idle_timeout` seconds, or the handshake was not
+                complete after `handshake_timeout` seconds (a silent or stalling peer must not
+                hold a server thread).
         """
+        timeouts = Timeouts(self.label, idle_timeout, handshake_timeout)
         reader = threading.Thread(target=self._read, name=f"sync-ws-read {self.label}", daemon=True)
         reader.start()
         # on_change sees every commit to the file (its notifier thread wakes us); on_commit runs
@@ -125,19 +196,19 @@ class Channel:
         try:
             self._send(self.session.start())
             self.wake()
-            last_frame = time.monotonic()
             while not self.session.finished:
                 try:
-                    item = self._inbox.get(timeout=self._timeout(idle_timeout, last_frame))
+                    item = self._inbox.get(timeout=timeouts.next_wait(self.session))
                 except queue.Empty:
-                    if self.session.holding_merge and self._patience(last_frame) <= 0:
-                        self._send(self.session.release_merge())  # a quiet peer mid-group
+                    if self.session.holding_merge:  # the wait was the merge's patience
+                        if timeouts.patience_over(self.session):
+                            self._send(self.session.release_merge())  # a quiet peer mid-group
                         continue
-                    raise TransportError(f"{self.label}: nothing received for {idle_timeout:g}s") from None
+                    raise timeouts.expired() from None
                 if item is _CLOSED:
                     break
                 if item is not _WAKE:
-                    last_frame = time.monotonic()
+                    timeouts.frame_received()
                     if hops.ENABLED:
                         hops.since("handoff", self._received_ns.popleft())
                     self._send(self.session.receive(item))
@@ -160,18 +231,6 @@ class Channel:
             self.ws.close()
             self._drain_until_done(reader)
             self._count()
-
-    def _patience(self, last_frame: float) -> float:
-        """Seconds left before an open merge must be released (see Session.holding_merge)."""
-        return self.session.limits.merge_patience - (time.monotonic() - last_frame)
-
-    def _timeout(self, idle_timeout: float | None, last_frame: float) -> float | None:
-        """How long the loop may wait for the next item: the idle timeout, shorter while the
-        session holds a merge open (it must not hold the write lock for a silent peer)."""
-        if not self.session.holding_merge:
-            return idle_timeout
-        patience = max(0.0, self._patience(last_frame))
-        return patience if idle_timeout is None else min(idle_timeout, patience)
 
     def _drain_until_done(self, reader: threading.Thread) -> None:
         """Wait for the reader to end, emptying the inbox so a reader blocked on a full inbox
@@ -218,21 +277,9 @@ class Channel:
 
     def _count(self) -> None:
         """Add the session's progress since the last call to the owner's counters."""
-        if self.stats is None:
-            return
-        result = self.session.result
-        pushed, pulled, applied = self._counted
-        self.stats.add(sent=result.pushed - pushed, received=result.pulled - pulled, applied=result.applied - applied)
-        self._counted = (result.pushed, result.pulled, result.applied)
+        if self.stats is not None:
+            self._counted = self.stats.follow(self.session.result, self._counted)
 
     def closed_reason(self) -> str:
         """Why the connection ended, in words (for errors and logs)."""
-        exc = self.close_exc
-        if exc is None:
-            return "closed"
-        frame = exc.rcvd or exc.sent
-        if frame is not None and frame.code == _CLOSE_TOO_BIG:
-            return "a message exceeded the size limit (WebSocket close 1009)"
-        if frame is None:
-            return "connection lost without a close frame"
-        return f"closed with code {frame.code}" + (f" ({frame.reason})" if frame.reason else "")
+        return closed_reason(self.close_exc)

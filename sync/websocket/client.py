@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl as ssl_module
 import threading
 import time
 from typing import Any
@@ -14,14 +15,17 @@ from websockets.sync.client import connect as ws_connect
 
 from engine import Database
 
-from ..errors import SyncError, TransportError
+from ..errors import SyncError, TLSError, TransportError
+from ..identity import public_key_bytes
 from ..peer import Peer
 from ..progress import ProgressCallback, ProgressMeter
 from ..protocol import MAX_MESSAGE_BYTES
 from ..session import Role, Session, SyncResult
+from ..tls import channel_binding
 from .channel import CLOSE_TIMEOUT, Channel, TransportStats
 
-__all__ = ["sync_with_url", "connect", "LiveClient", "check_url"]
+__all__ = ["sync_with_url", "connect", "LiveClient", "check_url", "check_tls_args", "connect_failed",
+           "round_result", "CONNECT_ERRORS"]
 
 log = logging.getLogger("sync.websocket")
 
@@ -46,10 +50,18 @@ def check_url(url: str) -> tuple[str, int]:
     return host, port or (443 if parts.scheme == "wss" else 80)
 
 
-def _open(url: str, *, max_size: int, open_timeout: float) -> Any:
-    """Open a WebSocket client connection.
+def check_tls_args(url: str, ssl: ssl_module.SSLContext | None) -> None:
+    """Raises:
+        ValueError: a TLS context for a ws:// URL (it would silently not be used)."""
+    if ssl is not None and not url.startswith("wss://"):
+        raise ValueError(f"ssl= was given but {url!r} is not a wss:// URL")
+
+
+def _open(url: str, *, max_size: int, open_timeout: float, ssl: ssl_module.SSLContext | None = None) -> Any:
+    """Open a WebSocket client connection (TLS for wss://: `ssl`, or the system's CAs).
 
     Raises:
+        TLSError: TLS failed: a refused certificate, or one side does not speak TLS.
         TransportError: the server is unreachable or the WebSocket handshake failed.
     """
     check_url(url)
@@ -61,14 +73,64 @@ def _open(url: str, *, max_size: int, open_timeout: float) -> Any:
             max_size=max_size,
             compression=None,
             proxy=None,
+            ssl=ssl,
             legacy=True,  # a plain connection: the channel owns and closes it
         )
-    except InvalidURI as exc:
-        raise TransportError(f"bad URL {url!r}: {exc}", url=url) from exc
-    except (OSError, TimeoutError, InvalidHandshake, WebSocketException) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
-        raise TransportError(f"cannot connect to {url}: {reason}", url=url) from exc
+    except CONNECT_ERRORS as exc:
+        raise connect_failed(url, exc) from exc
 
+
+CONNECT_ERRORS = (InvalidURI, OSError, TimeoutError, InvalidHandshake, WebSocketException)
+"""What opening a WebSocket raises (threaded and asyncio APIs alike; ssl.SSLError is an OSError)."""
+
+
+def connect_failed(url: str, exc: BaseException) -> TransportError:
+    """The error for a failed connection attempt (`exc` one of CONNECT_ERRORS): a TLSError
+    when TLS failed (a refused certificate, one side not speaking TLS), else a TransportError."""
+    if isinstance(exc, InvalidURI):
+        return TransportError(f"bad URL {url!r}: {exc}", url=url)
+    if isinstance(exc, ssl_module.SSLError):
+        return _tls_error(url, exc)
+    if isinstance(exc, InvalidHandshake):
+        if url.startswith("ws://") and _looks_like_tls(exc):
+            return TLSError(f"cannot connect to {url}: the server speaks TLS; use wss:// (and ssl=)", url=url)
+        return TransportError(f"cannot connect to {url}: {str(exc) or type(exc).__name__}", url=url)
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
+    return TransportError(f"cannot connect to {url}: {reason}", url=url)
+
+
+def round_result(session: Session, url: str, reason: str) -> SyncResult:
+    """The outcome of a one-shot round whose connection has ended (`reason`: how).
+
+    Raises:
+        SyncError: the session failed (its refusal or the remote's).
+        TransportError: the connection ended before the round finished.
+    """
+    if session.failed:
+        session.raise_for_error()
+    if not session.finished:
+        raise TransportError(f"{url}: {reason} before the round finished", url=url)
+    return session.result
+
+
+def _tls_error(url: str, exc: ssl_module.SSLError) -> TLSError:
+    """The TLSError for a failed TLS handshake, saying what to change."""
+    if isinstance(exc, ssl_module.SSLCertVerificationError):
+        hint = "the server's certificate was refused (pass ssl=client_context(cafile=...) / --cafile)"
+    elif isinstance(exc, ssl_module.SSLEOFError):
+        hint = "the server closed the connection during the TLS handshake (a ws:// server? use ws://)"
+    elif "WRONG_VERSION_NUMBER" in (exc.reason or ""):
+        hint = "the server does not speak TLS; use ws://"
+    else:
+        hint = "TLS handshake failed"
+    return TLSError(f"cannot connect to {url}: {hint} ({exc.reason or exc})", url=url)
+
+
+def _looks_like_tls(exc: BaseException) -> bool:
+    """Did a plaintext HTTP request get no HTTP response? A TLS server answers `GET` with a TLS
+    alert or closes at once (OpenSSL reports HTTP_REQUEST on its side)."""
+    text = " ".join(str(e) for e in (exc, exc.__cause__) if e is not None)
+    return "did not receive a valid HTTP response" in text or "connection closed while reading HTTP status line" in text
 
 
 def sync_with_url(
@@ -77,6 +139,8 @@ def sync_with_url(
     *,
     token: str | None = None,
     progress: ProgressCallback | None = None,
+    server_key: str | bytes | None = None,
+    ssl: ssl_module.SSLContext | None = None,
     idle_timeout: float = 60.0,
     open_timeout: float = OPEN_TIMEOUT,
     max_size: int = MAX_MESSAGE_BYTES,
@@ -85,24 +149,26 @@ def sync_with_url(
     does for a ws:// target.
 
     `progress(SyncProgress)` is called after every page (see sync.progress). Returns the
-    client session's `SyncResult` (`result.pulled`, `result.pushed`).
+    client session's `SyncResult` (`result.pulled`, `result.pushed`). `server_key`: the key
+    the server must prove; `ssl`: the TLS context for a wss:// URL (sync.tls).
 
     Raises:
+        TLSError: TLS failed (a refused certificate, ws:// against a TLS server or the reverse).
         TransportError: bad URL, server unreachable, connection lost mid-round or silent for
             `idle_timeout` seconds (nothing is lost: the next round resumes from watermarks).
+        ValueError: `ssl` for a ws:// URL, or `server_key` is not a public key.
         SyncError: a refusal, as the subclass that says why (`AuthError`, `SchemaMismatchError`,
             `ProtocolError`, ... — see sync.errors).
     """
-    session = peer.session(Role.CLIENT, token=token, live=False, progress=ProgressMeter.wrap(progress), streaming=True)
+    check_tls_args(url, ssl)
+    server_key = public_key_bytes(server_key)  # a bad key is refused before connecting
+    ws = _open(url, max_size=max_size, open_timeout=open_timeout, ssl=ssl)
+    session = peer.session(Role.CLIENT, token=token, live=False, progress=ProgressMeter.wrap(progress),
+                           server_key=server_key, binding=channel_binding(ws.socket), streaming=True)
     try:
-        ws = _open(url, max_size=max_size, open_timeout=open_timeout)
         channel = Channel(ws, session, label=f"sync {url}")
         channel.run(idle_timeout=idle_timeout)
-        if session.failed:
-            session.raise_for_error()
-        if not session.finished:
-            raise TransportError(f"{url}: {channel.closed_reason()} before the round finished", url=url)
-        return session.result
+        return round_result(session, url, channel.closed_reason())
     finally:
         session.close()
 
@@ -118,15 +184,20 @@ class LiveClient:
         *,
         token: str | None = None,
         peer: Peer | None = None,
+        server_key: str | bytes | None = None,
+        ssl: ssl_module.SSLContext | None = None,
         backoff: tuple[float, float] = (BACKOFF_INITIAL, BACKOFF_CAP),
         max_size: int = MAX_MESSAGE_BYTES,
         open_timeout: float = OPEN_TIMEOUT,
     ):
         check_url(url)
+        check_tls_args(url, ssl)
         self.db = db
         self.url = url
         self.token = token
         self.peer = peer or Peer(db)
+        self.server_key = public_key_bytes(server_key)
+        self._ssl = ssl
         self.stats = TransportStats()
         self.error: SyncError | None = None
         self.attempts = 0
@@ -204,13 +275,14 @@ class LiveClient:
             TransportError: could not connect, or the connection ended.
             SyncError: the session failed (a refusal or bad input).
         """
-        ws = _open(self.url, max_size=self._max_size, open_timeout=self._open_timeout)
+        ws = _open(self.url, max_size=self._max_size, open_timeout=self._open_timeout, ssl=self._ssl)
         with self._lock:
             if self._stop.is_set():
                 ws.close()
                 return False
             self._ws = ws
-        session = self.peer.session(Role.CLIENT, token=self.token, live=True, streaming=True)
+        session = self.peer.session(Role.CLIENT, token=self.token, live=True, server_key=self.server_key,
+                                    binding=channel_binding(ws.socket), streaming=True)
         channel = Channel(ws, session, label=f"live {self.url}", stats=self.stats)
         self.stats.add(connections=1)
         try:
@@ -263,6 +335,8 @@ def connect(
     *,
     token: str | None = None,
     peer: Peer | None = None,
+    server_key: str | bytes | None = None,
+    ssl: ssl_module.SSLContext | None = None,
     backoff: tuple[float, float] = (BACKOFF_INITIAL, BACKOFF_CAP),
 ) -> LiveClient:
     """Keep `db` in live sync with the server at `url` until closed; returns the started client.
@@ -271,9 +345,12 @@ def connect(
     they happen (noticed through `db.on_change`: this object's commits at once, other
     processes' within `Database.open(poll_interval=...)`). When the connection drops, the
     client reconnects with exponential backoff (`backoff=(initial, cap)` seconds) and resumes
-    from the watermarks. `client.wait_connected(timeout)` waits for live mode.
+    from the watermarks. `client.wait_connected(timeout)` waits for live mode. `server_key`
+    and `ssl` as for `Peer.sync_with`; a permanent refusal (an untrusted key, a TLS mismatch)
+    stops the reconnecting.
 
     Raises:
         TransportError: `url` is not a ws:// or wss:// URL (network failures are retried).
+        ValueError: `ssl` for a ws:// URL, or `server_key` is not a public key.
     """
-    return LiveClient(db, url, token=token, peer=peer, backoff=backoff).start()
+    return LiveClient(db, url, token=token, peer=peer, server_key=server_key, ssl=ssl, backoff=backoff).start()
