@@ -112,15 +112,17 @@ class Inbox:
         """
         started = hops.now() if hops.ENABLED else 0
         self.schema.validate(page.rows, page.since, page.upto)
-        watermark = peer_record(self.db, self.sender).received
         if page.part or page.more_parts:
-            return self._part(page, watermark)
-        if page.upto <= watermark:
-            return ApplyOutcome(watermark, 0, False)
-        if self._group is not None:
-            raise ProtocolError(f"a new page arrived while group {self._group.upto} was still in parts")
-        self._check_contiguous(page, watermark)
+            return self._part(page, peer_record(self.db, self.sender).received)
         with self.db.transaction() as tx:
+            # the watermark is read in the merging transaction: it cannot move meanwhile, and a
+            # live page costs no separate read on a pooled connection
+            watermark = peer_record(self.db, self.sender, tx).received
+            if page.upto <= watermark:
+                return ApplyOutcome(watermark, 0, False)
+            if self._group is not None:
+                raise ProtocolError(f"a new page arrived while group {self._group.upto} was still in parts")
+            self._check_contiguous(page, watermark)
             before = tx.scalar("SELECT crsql_db_version()")
             tx.executemany(INSERT_CHANGES, page.rows)
             impacted, high = self._impacted(tx, before)
