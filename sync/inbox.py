@@ -24,8 +24,10 @@ Measured on a 240,000-change group (bench/PROFILE.md): staging the parts in a ta
 
 from __future__ import annotations
 
+import logging
 import struct
 import tempfile
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
@@ -42,6 +44,8 @@ from .protocol import Changes
 from .watermarks import peer_record, store_received
 
 __all__ = ["Inbox", "ApplyOutcome"]
+
+log = logging.getLogger("sync")
 
 _LENGTH = struct.Struct("<I")
 _rows_encoder = msgspec.msgpack.Encoder()
@@ -73,7 +77,7 @@ class _Group:
         self.spill.write(_LENGTH.pack(len(data)))
         self.spill.write(data)
 
-    def spilled(self) -> Any:
+    def spilled(self) -> Iterator[list[tuple[Any, ...]]]:
         """The spilled parts' rows, a part at a time (bounded memory)."""
         self.spill.flush()
         self.spill.seek(0)
@@ -142,6 +146,8 @@ class Inbox:
         that other writers can go on; the last part will merge the group from the spill file."""
         group = self._group
         if group is not None and group.merge is not None:
+            log.info("sync: peer %s went quiet in the middle of group %d; its merge is rolled back "
+                     "and will be redone when the last part arrives", self.sender[:8], group.upto)
             self._roll_back(group)
 
     def close(self) -> None:
