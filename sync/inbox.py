@@ -49,7 +49,7 @@ log = logging.getLogger("sync")
 
 _LENGTH = struct.Struct("<I")
 _rows_encoder = msgspec.msgpack.Encoder()
-_rows_decoder = msgspec.msgpack.Decoder(list[tuple])
+_rows_decoder = msgspec.msgpack.Decoder(list[tuple[Any, ...]])
 
 
 class ApplyOutcome(msgspec.Struct, frozen=True):
@@ -72,7 +72,7 @@ class _Group:
         self.tx: Tx | None = None
         self.before = 0  # our db_version before the merge began
 
-    def spill_rows(self, rows: list[tuple]) -> None:
+    def spill_rows(self, rows: list[tuple[Any, ...]]) -> None:
         data = _rows_encoder.encode(rows)
         self.spill.write(_LENGTH.pack(len(data)))
         self.spill.write(data)
@@ -213,20 +213,20 @@ class Inbox:
         folder = None if self.db.in_memory else Path(self.db.path).resolve().parent
         return tempfile.TemporaryFile(prefix="crdt-sync-parts-", dir=folder)
 
-    def _take_part(self, group: _Group, rows: list[tuple]) -> None:
+    def _take_part(self, group: _Group, rows: list[tuple[Any, ...]]) -> None:
         group.spill_rows(rows)
         if group.next_part == 0 and self.eager:
             group.merge = ExitStack()
             group.tx = group.merge.enter_context(self.db.transaction())
             group.before = group.tx.scalar("SELECT crsql_db_version()")
-        if group.merge is not None:
+        if group.tx is not None:
             self._merge_rows(group.tx, rows)
         group.next_part += 1
 
-    def _finish(self, group: _Group, rows: list[tuple]) -> int:
+    def _finish(self, group: _Group, rows: list[tuple[Any, ...]]) -> int:
         """Merge the last part, and the earlier ones from the spill file unless they are merged
         already; store the watermark; commit."""
-        if group.merge is None:
+        if group.merge is None or group.tx is None:
             with self.db.transaction() as tx:
                 before = tx.scalar("SELECT crsql_db_version()")
                 for spilled in group.spilled():
@@ -241,7 +241,7 @@ class Inbox:
         group.spill.close()
         return impacted
 
-    def _complete(self, tx: Tx, group: _Group, rows: list[tuple], before: int) -> int:
+    def _complete(self, tx: Tx, group: _Group, rows: list[tuple[Any, ...]], before: int) -> int:
         self._merge_rows(tx, rows)
         impacted, _ = self._impacted(tx, before)
         store_received(tx, self.sender, group.upto, self.incarnation)
@@ -250,11 +250,13 @@ class Inbox:
             group.spill.close()
         return impacted
 
-    def _merge_rows(self, tx: Tx, rows: list[tuple]) -> None:
+    def _merge_rows(self, tx: Tx, rows: list[tuple[Any, ...]]) -> None:
         tx.executemany(INSERT_CHANGES, rows)
         report_merge(self.db, tx, ((r[0], r[1]) for r in rows))
 
     def _roll_back(self, group: _Group) -> None:
         merge, group.merge, group.tx = group.merge, None, None
+        if merge is None:
+            return
         rollback = ApplyError(f"merge of group {group.upto} in parts rolled back")
         merge.__exit__(type(rollback), rollback, None)  # the transaction's rollback path; no raise

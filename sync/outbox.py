@@ -93,17 +93,17 @@ class _Stream:
 
     def __init__(self, db: Database, lease: ExitStack, session: Any, snap: int):
         self.db, self.snap = db, snap
-        self.buffer: list[tuple] = []  # rows read and not yet sent, in order
+        self.buffer: list[tuple[Any, ...]] = []  # rows read and not yet sent, in order
         self.rows_read = 0
         self._lease, self._session = lease, session
         self._cursor: Any = None
         self._table: str | None = None
         self._last_rowid = 0
-        self._rows: Iterator[tuple] = iter(())  # set by open(): one iterator for the stream's life
+        self._rows: Iterator[tuple[Any, ...]] = iter(())  # set by open(): one iterator for the stream's life
 
     @classmethod
-    def open(cls, db: Database, after: int, ceiling: int | None, query: Callable[[int, int], tuple[str, tuple]]
-             ) -> tuple["_Stream | None", int]:
+    def open(cls, db: Database, after: int, ceiling: int | None,
+             query: Callable[[int, int], tuple[str, tuple[Any, ...]]]) -> tuple["_Stream | None", int]:
         """Start reading (after, snap] where snap is the database's db_version now (at most
         `ceiling`); `query(after, snap)` gives the SELECT and its parameters. Returns the stream,
         or None when there is nothing after `after`, and snap."""
@@ -128,7 +128,8 @@ class _Stream:
             raise
 
     @classmethod
-    def _open_table(cls, db, lease, session, after, ceiling, query) -> tuple["_Stream | None", int]:
+    def _open_table(cls, db: Database, lease: ExitStack, session: Any, after: int, ceiling: int | None,
+                    query: Callable[[int, int], tuple[str, tuple[Any, ...]]]) -> tuple["_Stream | None", int]:
         with db.reading(session) as s:
             snap = cls._snapshot(s.connection, after, ceiling)
             if snap == after:
@@ -143,7 +144,7 @@ class _Stream:
 
     @staticmethod
     def _snapshot(connection: Any, after: int, ceiling: int | None) -> int:
-        snap = connection.execute("SELECT crsql_db_version()").fetchall()[0][0]
+        snap: int = connection.execute("SELECT crsql_db_version()").fetchall()[0][0]
         if ceiling is not None:
             snap = min(snap, ceiling)
         return max(snap, after)
@@ -169,7 +170,7 @@ class _Stream:
         finally:
             self.rows_read += count - start
 
-    def _table_rows(self) -> Iterator[tuple]:
+    def _table_rows(self) -> Iterator[tuple[Any, ...]]:
         while True:
             with self.db.reading(self._session) as s:
                 chunk = s.execute(f'SELECT rowid, {CHANGE_COLUMNS} FROM temp."{self._table}" '
@@ -250,9 +251,9 @@ class Outbox:
                 if marker or max(self.acked, self.claimed, self.produced) < snap:
                     return self._page([], snap, caught_up=True)
                 return None
-        if self._split is not None:
-            return self._next_part()
         stream = self._stream
+        if self._split is not None:
+            return self._next_part(self._split, stream)
         if not stream.fill(self.limits.page_changes, self.limits.page_bytes):
             rows, snap = stream.buffer, stream.snap
             self._end_stream()
@@ -265,17 +266,16 @@ class Outbox:
             cut -= 1
         if cut == 0:  # one group alone passes the bound: it goes in parts
             self._split = _Split(last, self._since())
-            return self._next_part()
+            return self._next_part(self._split, stream)
         stream.buffer = rows[cut:]
         self.scanned = last - 1  # versions between the page's rows and `last` hold nothing for the receiver
         return self._page(rows[:cut], last - 1)
 
-    def _query(self, after: int, snap: int) -> tuple[str, tuple]:
+    def _query(self, after: int, snap: int) -> tuple[str, tuple[Any, ...]]:
         echo, params = self.echo.clause(after, self._own)
         return _SELECT_PAGE.format(echo=echo), (after, snap, self.receiver) + params
 
-    def _next_part(self) -> Changes:
-        split, stream = self._split, self._stream
+    def _next_part(self, split: _Split, stream: _Stream) -> Changes:
         more = stream.fill(self.limits.page_changes, self.limits.page_bytes, split.version)
         rows = stream.buffer
         if more and rows[-1][5] == split.version:  # the group goes on past the bound
@@ -297,8 +297,9 @@ class Outbox:
 
     def _end_stream(self) -> None:
         stream, self._stream = self._stream, None
-        self._read_before += stream.rows_read
-        stream.close()
+        if stream is not None:
+            self._read_before += stream.rows_read
+            stream.close()
 
     def cover(self, low: int, high: int) -> int:
         """The receiver merged a page of ours here as our versions (low, high], which hold only
