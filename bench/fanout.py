@@ -22,6 +22,7 @@ is better; latency: lower is better). Report only: the point is the comparison.
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,10 +31,8 @@ import sync
 import sync.nats
 from sync.testing.nats_server import LocalNatsServer
 
-from .data import CHANGES_PER_EVENT, INSERT_EVENT, Workspace, event_rows
-from .harness import BenchError, Row, median
-from .live import Watcher, percentile, wait_visible
-from .replication import TOKEN, server_url
+from .data import CHANGES_PER_EVENT, INSERT_EVENT, TOKEN, Workspace, event_rows
+from .harness import BenchError, Row, median, percentile
 
 __all__ = ["b9_fanout", "RECEIVERS"]
 
@@ -41,6 +40,48 @@ RECEIVERS = 10
 _WARMUP = 10
 _CONNECT_TIMEOUT = 30.0
 _BURST_TIMEOUT = 120.0
+_VISIBLE_TIMEOUT = 10.0
+
+
+class Watcher:
+    """Tells when a row is readable on one replica, woken by that replica's commits."""
+
+    def __init__(self, db):
+        self.db = db
+        self.changed = threading.Event()
+        self._remove = db.on_commit(self.changed.set)
+
+    def visible(self, event_id: str) -> bool:
+        with self.db.reading() as s:
+            return s.scalar("SELECT 1 FROM events WHERE id = ?", (event_id,)) is not None
+
+    def close(self) -> None:
+        self._remove()
+
+
+def wait_visible(watchers: list[Watcher], event_id: str, started: float, *,
+                 timeout: float = _VISIBLE_TIMEOUT) -> list[float]:
+    """Seconds from `started` until `event_id` is readable on each watcher's replica.
+
+    Raises:
+        BenchError: it never arrived within the timeout.
+    """
+    arrived: dict[int, float] = {}
+    deadline = started + timeout
+    while len(arrived) < len(watchers):
+        for index, watcher in enumerate(watchers):
+            if index in arrived:
+                continue
+            watcher.changed.clear()
+            if watcher.visible(event_id):
+                arrived[index] = time.perf_counter() - started
+        if len(arrived) == len(watchers):
+            break
+        if time.perf_counter() > deadline:
+            raise BenchError(f"B9: event {event_id} did not reach every replica within {timeout:g} s")
+        pending = next(w for i, w in enumerate(watchers) if i not in arrived)
+        pending.changed.wait(0.001)
+    return [arrived[i] for i in range(len(watchers))]
 
 
 @contextmanager
@@ -62,7 +103,7 @@ def _over_hub(ws: Workspace, replicas: list) -> Iterator[None]:
     server = sync.serve(hub, "127.0.0.1", 0, token=TOKEN)
     clients = []
     try:
-        clients = [sync.connect(db, server_url(server), token=TOKEN) for db in replicas]
+        clients = [sync.connect(db, server.url, token=TOKEN) for db in replicas]
         for client in clients:
             client.wait_connected(_CONNECT_TIMEOUT)
         yield
@@ -80,7 +121,7 @@ def _latencies(writer, watchers: list[Watcher], rows: list[tuple]) -> list[float
         started = time.perf_counter()
         with writer.transaction() as tx:
             tx.execute(INSERT_EVENT, row)
-        latencies.append(max(wait_visible(watchers, row[0], started, label="B9")))
+        latencies.append(max(wait_visible(watchers, row[0], started)))
     return latencies
 
 
@@ -96,7 +137,7 @@ def _burst(writer, watchers: list[Watcher], receivers: list, rows: list[tuple]) 
     for row in rows:
         with writer.transaction() as tx:
             tx.execute(INSERT_EVENT, row)
-    seconds = max(wait_visible(watchers, rows[-1][0], started, label="B9", timeout=_BURST_TIMEOUT))
+    seconds = max(wait_visible(watchers, rows[-1][0], started, timeout=_BURST_TIMEOUT))
     cpu = time.process_time() - cpu
     ids = (rows[0][0], rows[-1][0])
     for db in receivers:

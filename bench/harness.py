@@ -39,6 +39,7 @@ __all__ = [
     "ratio_row",
     "stopwatch",
     "median",
+    "percentile",
     "render_table",
     "machine_facts",
     "write_results",
@@ -91,10 +92,17 @@ class Row(msgspec.Struct):
     samples_baseline: list[float] = []
     notes: str = ""
     extra: dict[str, Any] = {}
+    details: list[str] = []  # lines printed after the table (e.g. B5's hop breakdown)
 
 
 def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The `q` quantile (0..1) of `values`: the nearest sample, no interpolation."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 @contextmanager
@@ -227,13 +235,14 @@ def _cells(row: Row) -> tuple[str, ...]:
 
 def render_table(rows: list[Row]) -> str:
     """The rows as a Markdown table (pastes into the README and the issue as is), followed
-    by the rows' notes."""
+    by the rows' notes and details."""
     cells = [_HEADERS] + [_cells(r) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(_HEADERS))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
     notes = [f"  {r.id}: {r.notes}" for r in rows if r.notes and not r.notes.startswith("not available")]
-    return "\n".join(lines + ([""] + notes if notes else []))
+    details = [line for r in rows for line in [""] + r.details if r.details]
+    return "\n".join(lines + ([""] + notes if notes else []) + details)
 
 
 def machine_facts() -> dict[str, Any]:

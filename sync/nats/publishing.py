@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from nats.js import JetStreamContext
 
 from engine.database import Database
@@ -75,6 +76,7 @@ class Publisher:
         self._headers = {SCHEMA_HEADER: schema_header(db), INCARNATION_HEADER: db.incarnation}
         self._nonce = uuid.uuid4().hex[:12]
         self._outbox: Outbox | None = None
+        self._published = 0  # our db_version up to which our pages are in the stream
 
     async def run(self) -> None:
         """Publish until cancelled.
@@ -83,8 +85,8 @@ class Publisher:
             MessageTooLargeError: a page does not fit the server's max_payload (one change
                 larger than half of it); nothing after it can be published.
         """
-        published, _ = await self.run_db(read_positions, self.db, self.stream)
-        self._outbox = await self.run_db(Outbox.own_changes, self.db, published, self.limits)
+        self._published, _ = await self.run_db(read_positions, self.db, self.stream)
+        self._outbox = await self.run_db(Outbox.own_changes, self.db, self._published, self.limits)
         while True:
             await self.wake.wait()
             self.wake.clear()
@@ -97,7 +99,7 @@ class Publisher:
             self._outbox.pass_over(low, high)
 
     async def close(self) -> None:
-        """Drop the outbox's temporary table (a split group in progress)."""
+        """End the outbox's read in progress (it holds a reader connection)."""
         if self._outbox is not None:
             await self.run_db(self._outbox.close)
             self._outbox = None
@@ -108,6 +110,9 @@ class Publisher:
             page = await self.run_db(outbox.next_page, marker=False)
             if page is None or not (page.rows or page.more_parts or page.part):
                 return  # nothing of ours after `acked` (versions of merged changes only)
+            # Receivers hold our changes up to our last published page; the outbox's page may
+            # start later, after an empty page skipped above: the range says it covers those.
+            page = msgspec.structs.replace(page, since=self._published)
             data = encode(page)
             if len(data) > self.limits.max_message_bytes:
                 raise MessageTooLargeError(
@@ -118,6 +123,7 @@ class Publisher:
             await retry_transient(lambda: self._publish(page, data), what=f"publishing to {self.subject}")
             if not page.more_parts:
                 await self.run_db(store_published, self.db, self.stream, page.upto)
+                self._published = page.upto
                 outbox.acknowledged(page.upto)
             self.on_published(page)
 

@@ -15,12 +15,13 @@ Rules on top of the Inbox, all decided by stream sequence (a message's place in 
   consumer was re-pinned): it needs nothing.
 - A page whose range starts after our watermark for its origin is a gap: the pages in between
   left the stream. `StreamGapError`, nothing applied (the caller bootstraps or stops).
-- A group too large for one message comes as parts 0..n; the parts are staged and the group
-  merged in one transaction with the last one. While parts are staged, the resume point stays
-  at part 0 (staged parts do not survive a restart: the Inbox drops them).
-- A whole page or a new part 0 of an origin whose parts are still staged means the origin
+- A group too large for one message comes as parts 0..n; the Inbox holds the parts (in its
+  spill file, sync.inbox) and merges the group in one transaction with the last one. While
+  parts are held, the resume point stays at part 0: held parts do not survive a restart or a
+  reconnection, and reading resumes where the group starts.
+- A whole page or a new part 0 of an origin whose parts are still held means the origin
   started over (its publisher restarted mid-group and re-read the group, perhaps split
-  differently): the staged parts are dropped and the new message is taken as it comes.
+  differently): the held parts are dropped and the new message is taken as it comes.
 - A page on our own subject is never merged, but if it names an incarnation of our site that
   this file does not continue up to the page's versions (engine.lineage), another file shares
   our site id (a copy, a restored backup): `DuplicateSiteError`, the replica stops.
@@ -82,7 +83,7 @@ class StreamInbox:
         self.on_merged: Callable[[int, int], None] | None = None
         self._stored_resume = resume
         self._inboxes: dict[str, Inbox] = {}
-        self._parts_from: dict[str, int] = {}  # origin -> stream sequence of the part 0 being staged
+        self._parts_from: dict[str, int] = {}  # origin -> stream sequence of the part 0 of a group in parts
 
     @property
     def resume(self) -> int:
@@ -93,7 +94,7 @@ class StreamInbox:
         return seq <= self.done
 
     def apply_all(self, steps: list[Step]) -> Applied:
-        """Handle `steps` (consecutive deliveries, in order): merge or stage each page in its
+        """Handle `steps` (consecutive deliveries, in order): merge or hold each page in its
         own transaction (the Inbox's, which stores the origin's watermark with it), pass over
         what needs nothing. A refused page leaves the others alone; a gap ends the batch before
         that step (the steps after it are not handled).
@@ -152,7 +153,7 @@ class StreamInbox:
         )
 
     def _apply(self, origin: str, page: Changes, incarnation: str) -> ApplyOutcome:
-        """Merge (or stage) one page of `origin`, published by its `incarnation`.
+        """Merge (or hold, a part) one page of `origin`, published by its `incarnation`.
 
         Raises:
             StreamGapError: the page starts after what we hold of the origin (nothing applied).
@@ -165,8 +166,8 @@ class StreamInbox:
             raise InvalidChangeError(f"a page on the subject of site {origin} carries changes of another site")
         staging = origin in self._parts_from
         if staging and page.part == 0:
-            log.info("site %s published anew while parts of a group were staged here "
-                     "(its publisher restarted?): dropping the staged parts", origin)
+            log.info("site %s published anew while parts of a group were held here "
+                     "(its publisher restarted?): dropping the held parts", origin)
             self._start_over(origin)
         elif not staging and page.part > 0:
             self._check_gap(origin, page, starts_group=False)
@@ -175,7 +176,7 @@ class StreamInbox:
         return self._inbox(origin, incarnation).apply(page)
 
     def _track_parts(self, step: Step, outcome: ApplyOutcome) -> None:
-        """Remember where the group being staged started, so that reading resumes there."""
+        """Remember where the group being received in parts started, so that reading resumes there."""
         page = step.page
         if page.more_parts and page.part == 0 and outcome.fresh:
             self._parts_from[step.origin] = step.seq
@@ -190,7 +191,7 @@ class StreamInbox:
             self._stored_resume = self.resume
 
     def restart_at(self, seq: int) -> None:
-        """Forget every staged part and read the stream again from `seq` (after a bootstrap:
+        """Forget every held part and read the stream again from `seq` (after a bootstrap:
         pages dropped as gaps before it may apply now)."""
         for origin in list(self._inboxes):
             self._start_over(origin)
@@ -200,20 +201,28 @@ class StreamInbox:
         self._stored_resume = seq
 
     def close(self) -> None:
-        """Store the resume point; staged parts stay until the next start drops them."""
-        self.flush()
+        """Store the resume point (at the first part of a group still in parts) and drop the
+        held parts."""
+        try:
+            self.flush()
+        finally:
+            for origin in list(self._inboxes):
+                self._start_over(origin)
 
     def _inbox(self, origin: str, incarnation: str) -> Inbox:
         """The Inbox of `origin`, recording `incarnation` with the watermarks it stores."""
         inbox = self._inboxes.get(origin)
-        if inbox is None:  # a new Inbox drops parts a crashed run left staged for this origin
+        if inbox is None:
             inbox = self._inboxes[origin] = Inbox(self.db, origin_key(origin), self.schema, self.limits, incarnation)
         inbox.incarnation = incarnation  # an origin moved to another disk publishes as a new incarnation
         return inbox
 
     def _start_over(self, origin: str) -> None:
-        self._inboxes.pop(origin, None)
+        """Drop what is held of `origin` (parts of a group) and its Inbox."""
+        inbox = self._inboxes.pop(origin, None)
         self._parts_from.pop(origin, None)
+        if inbox is not None:
+            inbox.close()
 
     def _check_gap(self, origin: str, page: Changes, *, starts_group: bool) -> None:
         """Raises StreamGapError when `page` cannot follow what we hold of `origin`."""

@@ -35,7 +35,7 @@ from engine.database import Database
 
 from ..changes import CrrSchema, Limits
 from ..errors import MessageTooLargeError, SyncError, TransportError
-from ..inbox import ApplyOutcome, ensure_staging
+from ..inbox import ApplyOutcome
 from ..protocol import Changes
 from ..watermarks import ensure_tables
 from ..websocket import TransportStats
@@ -80,7 +80,7 @@ class NatsReplica:
         self.stream = stream_name(name)
         self.options = options or NatsOptions()
         self.stats = TransportStats()  # sent = changes published, received/applied = merged here
-        self.counts: Counter[str] = Counter()  # pages_published, repins, bootstraps, connections
+        self.counts: Counter[str] = Counter()  # pages_published, pages_applied, parts_taken, repins, bootstraps, ...
         self.refusals: deque[SyncError] = deque(maxlen=100)  # messages refused (see sync.nats.consuming)
         self.error: SyncError | None = None
         self._limits = limits
@@ -88,7 +88,6 @@ class NatsReplica:
             bootstrap, token, self.options.bootstrap_attempts, server_key=server_key, ssl=ssl,
             require_keys=require_keys) if bootstrap else None
         ensure_tables(db)
-        ensure_staging(db)
         positions.ensure_table(db)
         self._schema = CrrSchema.load(db)
         self._live = threading.Event()
@@ -365,7 +364,8 @@ class NatsReplica:
 
     def _applied(self, page: Changes, outcome: ApplyOutcome) -> None:
         if outcome.fresh:
-            self.counts["pages_applied"] += 1
+            self.counts["pages_applied"] += 1  # parts of a group included
+            self.counts["parts_taken"] += page.more_parts  # taken before their group's last part
             self.stats.add(received=len(page.rows), applied=outcome.impacted)
 
 
