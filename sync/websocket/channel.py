@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
@@ -103,8 +104,13 @@ def closed_reason(exc: ConnectionClosed | None) -> str:
 
 
 
-_CLOSED = object()  # inbox token: the connection is gone
-_WAKE = object()  # inbox token: look at the wake flag
+class _Token(Enum):
+    """Inbox tokens besides frames."""
+
+    CLOSED = "the connection is gone"
+    WAKE = "look at the wake flag"
+
+
 INBOX_FRAMES = 64  # a well-behaved peer has one page and one ack in flight; this bounds a flood
 
 
@@ -124,7 +130,7 @@ class Channel:
         self.label = label
         self.stats = stats
         self.close_exc: ConnectionClosed | None = None
-        self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_FRAMES)
+        self._inbox: queue.Queue[bytes | _Token] = queue.Queue(maxsize=INBOX_FRAMES)
         self._wake_pending = threading.Event()
         self._counted = (0, 0, 0)
 
@@ -133,7 +139,7 @@ class Channel:
         if not self._wake_pending.is_set():
             self._wake_pending.set()
             try:
-                self._inbox.put_nowait(_WAKE)
+                self._inbox.put_nowait(_Token.WAKE)
             except queue.Full:
                 pass  # the loop checks the flag after every frame it takes out
 
@@ -165,9 +171,9 @@ class Channel:
                     item = self._inbox.get(timeout=timeouts.next_wait(self.session))
                 except queue.Empty:
                     raise timeouts.expired() from None
-                if item is _CLOSED:
+                if item is _Token.CLOSED:
                     break
-                if item is not _WAKE:
+                if item is not _Token.WAKE:
                     self._send(self.session.receive(item))
                 if self._wake_pending.is_set() and not self.session.finished:
                     self._wake_pending.clear()
@@ -213,7 +219,7 @@ class Channel:
             log.exception("%s: reading failed", self.label)
             self.ws.close()
         finally:
-            self._inbox.put(_CLOSED)
+            self._inbox.put(_Token.CLOSED)
 
     def _count(self) -> None:
         """Add the session's progress since the last call to the owner's counters."""
