@@ -2,7 +2,10 @@
 replicas holding N changes, and the raw-copy baseline of the sync benchmarks.
 
 Replicas are real: `engine.Database.open` on a file in a temp folder (real migrations, the
-real extension, WAL), with a `ManualClock` so two runs write identical timestamps.
+real extension, WAL), with a `ManualClock` so two runs write identical timestamps. They are
+opened as a user opens them: with the after-merge conflict audit on (the default of
+`Database.open`), so every sync row includes it; B3-audit measures what it adds to the same
+sync (on vs `audit=False`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = [
     "CHANGES_PER_EVENT",
     "CHANGE_COLUMNS",
     "NOW_MS",
+    "TOKEN",
     "WORKFLOW",
     "TOPIC",
     "payload",
@@ -36,6 +40,7 @@ __all__ = [
 ]
 
 NOW_MS = 1_700_000_000_000
+TOKEN = "bench-token"  # what every benchmark server demands
 WORKFLOW, TOPIC = "wf-bench", "inbox"
 CRR_TABLES = ("topics", "events", "handler_runs", "mutations", "handler_state")
 EVENT_COLUMNS = ("id", "topic_id", "workflow_id", "message_id", "title", "payload", "status",
@@ -75,8 +80,12 @@ class Workspace:
     def path(self, stem: str) -> Path:
         return self.folder / f"{stem}-{next(self._names)}.db"
 
-    def fresh(self, stem: str = "replica") -> Database:
-        return Database.open(self.path(stem), clock=ManualClock(start_ms=NOW_MS))
+    def fresh(self, stem: str = "replica", *, audit: bool = True) -> Database:
+        return self.open_path(self.path(stem), audit=audit)
+
+    def open_path(self, path: Path | str, *, audit: bool = True) -> Database:
+        """Open (creating) the replica at `path` with the benchmarks' manual clock."""
+        return Database.open(path, clock=ManualClock(start_ms=NOW_MS), audit=audit)
 
     def discard(self, db: Database) -> None:
         """Close a replica and delete its files (keeps the temp folder small)."""

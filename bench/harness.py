@@ -91,6 +91,7 @@ class Row(msgspec.Struct):
     samples_baseline: list[float] = []
     notes: str = ""
     extra: dict[str, Any] = {}
+    details: list[str] = []  # lines printed after the table (e.g. B5's hop breakdown)
 
 
 def median(values: Iterable[float]) -> float:
@@ -227,13 +228,14 @@ def _cells(row: Row) -> tuple[str, ...]:
 
 def render_table(rows: list[Row]) -> str:
     """The rows as a Markdown table (pastes into the README and the issue as is), followed
-    by the rows' notes."""
+    by the rows' notes and details."""
     cells = [_HEADERS] + [_cells(r) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(_HEADERS))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
     notes = [f"  {r.id}: {r.notes}" for r in rows if r.notes and not r.notes.startswith("not available")]
-    return "\n".join(lines + ([""] + notes if notes else []))
+    details = [line for r in rows for line in [""] + r.details if r.details]
+    return "\n".join(lines + ([""] + notes if notes else []) + details)
 
 
 def machine_facts() -> dict[str, Any]:

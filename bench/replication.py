@@ -3,7 +3,8 @@
 The baseline (bench.data.raw_copy) is the floor any sync built on cr-sqlite has: read the
 changes from `crsql_changes` and merge them with `executemany(INSERT INTO crsql_changes)` in
 one transaction. Ours is `sync.Peer(b).sync_with(...)` pulling a source replica's changes
-into a fresh replica: paging, encoding, watermarks, framing and (B4) the socket included.
+into a fresh replica: paging, encoding, watermarks, framing and (B4) the socket included;
+B4's server runs in a process of its own (bench.agent), as deployed.
 Both start from the same source replica into fresh replicas, and the first repetition checks
 that both receivers end up with the same rows and the same change metadata.
 
@@ -20,44 +21,33 @@ from pathlib import Path
 
 import sync
 
-from .data import CRR_TABLES, Workspace, count_changes, raw_copy
+from .agent import Remote
+from .data import CRR_TABLES, TOKEN, Workspace, count_changes, raw_copy
 from .harness import BenchError, Pair, Row, Sample, db_digest, measure_pair, ratio_row, stopwatch
 
-__all__ = ["b3_in_process", "b4_websocket", "b6_initial_sync", "b7_scaling", "TOKEN", "server_url"]
+__all__ = ["b3_in_process", "b4_websocket", "b6_initial_sync", "b7_scaling", "sync_trials", "sync_facts",
+           "receiver_digest", "B3_LIMIT", "B4_LIMIT", "AUDIT_LIMIT"]
 
-TOKEN = "bench-token"
 REPO = Path(__file__).resolve().parent.parent
+B3_LIMIT, B4_LIMIT, AUDIT_LIMIT = 1.1, 1.0, 1.1
 _RSS_LIMIT_MB = 150
 _LINEAR_LIMIT = 1.3
 
 
-def server_url(server) -> str:
-    """The ws:// URL of a handle returned by `sync.serve` (bound to port 0)."""
-    url = getattr(server, "url", None)
-    if isinstance(url, str):
-        return url
-    port = getattr(server, "port", None)
-    if port is None and getattr(server, "address", None):
-        port = server.address[1]
-    if not port:
-        raise BenchError(f"cannot tell the port of {server!r} (no url, port or address attribute)")
-    return f"ws://127.0.0.1:{port}"
-
-
-def _receiver_digest(db) -> str:
+def receiver_digest(db) -> str:
     return db_digest(db.connection, CRR_TABLES, clock_rows=True)
 
 
-def _trials(ws: Workspace, source, pull):
+def sync_trials(ws: Workspace, source, pull, *, audit: bool = True):
     """Ours and the baseline for one source: `pull(receiver_db)` runs our sync and returns
-    its result object."""
+    its result object; `audit` turns the receiver's conflict audit on for ours."""
     results: list = []
 
     def ours(check: bool) -> Sample:
-        db = ws.fresh("recv-ours")
+        db = ws.fresh("recv-ours", audit=audit)
         with stopwatch() as elapsed:
             results.append(pull(db))
-        digest = _receiver_digest(db) if check else None
+        digest = receiver_digest(db) if check else None
         ws.discard(db)
         return Sample(*elapsed, digest=digest)
 
@@ -65,7 +55,7 @@ def _trials(ws: Workspace, source, pull):
         db = ws.fresh("recv-raw")
         with stopwatch() as elapsed:
             raw_copy(source, db)
-        digest = _receiver_digest(db) if check else None
+        digest = receiver_digest(db) if check else None
         ws.discard(db)
         return Sample(*elapsed, digest=digest)
 
@@ -78,14 +68,14 @@ def _in_process(ctx, changes: int) -> tuple[Pair, dict]:
     if key not in ctx.cache:
         source = ctx.ws.source(changes)
         source_peer = sync.Peer(source)
-        ours, baseline, results = _trials(ctx.ws, source, lambda db: sync.Peer(db).sync_with(source_peer))
+        ours, baseline, results = sync_trials(ctx.ws, source, lambda db: sync.Peer(db).sync_with(source_peer))
         reps = ctx.reps_for(changes)
         pair = measure_pair(f"sync of {changes:,} changes", ours, baseline, reps)
-        ctx.cache[key] = (pair, _facts(source, results))
+        ctx.cache[key] = (pair, sync_facts(source, results))
     return ctx.cache[key]
 
 
-def _facts(source, results: list) -> dict:
+def sync_facts(source, results: list) -> dict:
     pulled = {getattr(r, "pulled", None) for r in results}
     return {"changes": count_changes(source), "db_versions": source.db_version, "pulled": sorted(pulled, key=str)}
 
@@ -96,24 +86,32 @@ def _reps_note(ctx, changes: int) -> str:
 
 
 def b3_in_process(ctx, changes: int) -> list[Row]:
-    """B3: in-process `Peer.sync_with` vs raw copy."""
+    """B3: in-process `Peer.sync_with` vs raw copy; B3-audit: the same sync with the
+    receiver's conflict audit on vs off."""
     what = f"sync {changes:,} changes A->B, in-process (vs raw copy)"
     pair, facts = _in_process(ctx, changes)
-    return [ratio_row("B3", what, pair, limit=1.3, extra=facts)]
+    source = ctx.ws.source(changes)
+    source_peer = sync.Peer(source)
+    pull = lambda db: sync.Peer(db).sync_with(source_peer)  # noqa: E731
+    audited, _, _ = sync_trials(ctx.ws, source, pull)
+    plain, _, _ = sync_trials(ctx.ws, source, pull, audit=False)
+    audit = measure_pair("B3-audit", audited, plain, ctx.reps)
+    return [ratio_row("B3", what, pair, limit=B3_LIMIT, extra=facts),
+            ratio_row("B3-audit", "  same sync, receiver's conflict audit on (vs off)", audit, limit=AUDIT_LIMIT)]
 
 
 def b4_websocket(ctx, changes: int) -> list[Row]:
-    """B4: `Peer.sync_with("ws://...")` against `sync.serve` on loopback vs raw copy."""
-    what = f"sync {changes:,} changes A->B over WebSocket (vs raw copy)"
+    """B4: `Peer.sync_with("ws://...")` against `sync.serve` running in another process
+    (bench.agent) on loopback vs the in-process raw copy."""
+    what = f"sync {changes:,} changes A->B over WebSocket, two processes (vs raw copy)"
     source = ctx.ws.source(changes)
-    server = sync.serve(source, "127.0.0.1", 0, token=TOKEN)
-    try:
-        url = server_url(server)
-        ours, baseline, results = _trials(ctx.ws, source, lambda db: sync.Peer(db).sync_with(url, token=TOKEN))
+    with Remote("b4-server") as server:
+        server.call("open", path=source.path)
+        url = server.call("serve")
+        ours, baseline, results = sync_trials(ctx.ws, source, lambda db: sync.Peer(db).sync_with(url, token=TOKEN))
         pair = measure_pair("B4", ours, baseline, ctx.reps_for(changes))
-    finally:
-        server.close()
-    return [ratio_row("B4", what, pair, limit=1.6, extra=_facts(source, results))]
+    return [ratio_row("B4", what, pair, limit=B4_LIMIT, extra=sync_facts(source, results),
+                      notes="CPU-time ratio counts this process only")]
 
 
 def b6_initial_sync(ctx, changes: int) -> list[Row]:

@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import from the repo root, not from bench/
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench import handshake, live, replication, stores  # noqa: E402
+from bench import bulk, handshake, live, replication, stores  # noqa: E402
 from bench.data import Workspace  # noqa: E402
 from bench.harness import Row, machine_facts, render_table, write_results  # noqa: E402
 
@@ -31,7 +31,7 @@ __all__ = ["main", "BENCHMARKS", "SIZES"]
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
-# id -> sizes (full, quick). Counts are events for B1/B2, changes for B3/B4/B6/B7, writes for B5,
+# id -> sizes (full, quick). Counts are events for B1/B2/B8, changes for B3/B4/B6/B7, writes for B5,
 # rounds per sample for B10.
 SIZES = {
     "B1": (20_000, 300),
@@ -41,6 +41,7 @@ SIZES = {
     "B5": (1_000, 30),
     "B6": (1_000_000, 12_000),
     "B7": ((10_000, 100_000, 1_000_000), (1_000, 4_000, 12_000)),
+    "B8": (20_000, 1_000),  # events rows in one transaction (12 changes each); quick still splits a page
     "B10": (200, 10),
 }
 
@@ -52,6 +53,7 @@ BENCHMARKS = {
     "B5": lambda ctx, size: live.b5_live(ctx, size),
     "B6": lambda ctx, size: replication.b6_initial_sync(ctx, size),
     "B7": lambda ctx, size: replication.b7_scaling(ctx, size),
+    "B8": lambda ctx, size: bulk.b8_huge_transaction(ctx, size),
     "B10": lambda ctx, size: handshake.b10_handshake(ctx, size),
 }
 
@@ -63,6 +65,7 @@ _WHAT = {
     "B5": "live propagation, 3 replicas",
     "B6": "initial sync of 1M changes",
     "B7": "sync scaling",
+    "B8": "one huge transaction: in-process and WebSocket vs the floor",
     "B10": "handshake overhead: token, keys, keys + TLS",
 }
 

@@ -55,6 +55,12 @@ class Limits(msgspec.Struct, frozen=True):
     page_changes: int = 10_000
     page_bytes: int = 4 * 1024 * 1024
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # pages in flight per direction on streaming transports (see sync.session): the sender
+    # reads ahead while the receiver merges; memory O(window x page)
+    window: int = 3
+    # seconds a streaming transport lets a group's merge hold the write lock waiting for its
+    # next part (see sync.session and sync.inbox)
+    merge_patience: float = 0.5
 
 
 
@@ -130,29 +136,39 @@ class CrrSchema:
         """
         if not rows:
             return
-        bad = {(r[0], r[2]) for r in rows} - self._pairs
-        if bad:
-            table, cid = min(bad)
-            if table not in self.columns:
-                raise InvalidChangeError(f"change for unknown table {table!r} (not a CRR here)", table=table)
-            raise InvalidChangeError(f"change for unknown column {table}.{cid}", table=table, column=cid)
+        # Sets of columns, not checks per row: a page is ~10,000 changes of a few tables. A
+        # page of one table (the common case) needs no (table, column) pairs.
+        tables = {r[0] for r in rows}
+        one = next(iter(tables)) if len(tables) == 1 and tables <= self.columns.keys() else None
+        if one is None or not {r[2] for r in rows} <= self.columns[one][0]:
+            self._check_columns({(r[0], r[2]) for r in rows})
         kinds = {r[3].__class__ for r in rows}
         if not kinds <= _VALUE_TYPES:
             odd = sorted(k.__name__ for k in kinds - _VALUE_TYPES)
             raise InvalidChangeError(f"change value of unsupported type {', '.join(odd)}")
-        if int in kinds and any(r[3].__class__ is int and not _INT64[0] <= r[3] <= _INT64[1] for r in rows):
-            raise InvalidChangeError("change value out of the 64-bit integer range")
-        self._check_clocks(rows)
-        if upto is not None:
-            versions = {r[5] for r in rows}
-            if min(versions) <= since or max(versions) > upto:
-                raise ProtocolError(f"page (since={since}, upto={upto}) holds changes of db_version "
-                                    f"{min(versions)}..{max(versions)}")
-        for table, pk in {(r[0], r[1]) for r in rows}:
+        if int in kinds:
+            numbers = [r[3] for r in rows if r[3].__class__ is int]
+            if min(numbers) < _INT64[0] or max(numbers) > _INT64[1]:
+                raise InvalidChangeError("change value out of the 64-bit integer range")
+        versions = self._check_clocks(rows)
+        if upto is not None and (min(versions) <= since or max(versions) > upto):
+            raise ProtocolError(f"page (since={since}, upto={upto}) holds changes of db_version "
+                                f"{min(versions)}..{max(versions)}")
+        keys = ((one, pk) for pk in {r[1] for r in rows}) if one is not None else {(r[0], r[1]) for r in rows}
+        for table, pk in keys:
             self._check_pk(table, pk)
 
-    def _check_clocks(self, rows: Sequence[tuple]) -> None:
-        """Site ids and clock values (see the module doc for why each bound)."""
+    def _check_columns(self, pairs: set) -> None:
+        bad = pairs - self._pairs
+        if bad:
+            table, cid = min(bad, key=repr)
+            if table not in self.columns:
+                raise InvalidChangeError(f"change for unknown table {table!r} (not a CRR here)", table=table)
+            raise InvalidChangeError(f"change for unknown column {table}.{cid}", table=table, column=cid)
+
+    def _check_clocks(self, rows: Sequence[tuple]) -> set:
+        """Site ids and clock values (see the module doc for why each bound); returns the
+        page's db_versions."""
         sites = {r[6] for r in rows}
         if self.own_site in sites:
             raise InvalidChangeError(
@@ -160,6 +176,7 @@ class CrrSchema:
                 "a replica its own changes (forged, or a copy of this database file)", column="site_id")
         if any(s.__class__ is not bytes or len(s) != 16 for s in sites):
             raise InvalidChangeError("change with a site id that is not 16 bytes", column="site_id")
+        versions: set = set()
         for index, name, low in ((4, "col_version", 1), (7, "cl", 1), (5, "db_version", 1), (8, "seq", 0)):
             values = {r[index] for r in rows}
             if any(v.__class__ is not int for v in values):
@@ -167,6 +184,9 @@ class CrrSchema:
             if min(values) < low or max(values) > MAX_CLOCK:
                 bad = min(values) if min(values) < low else max(values)
                 raise InvalidChangeError(f"change with {name} {bad} outside {low}..2**53", column=name)
+            if index == 5:
+                versions = values
+        return versions
 
     def _check_pk(self, table: str, pk: bytes) -> None:
         try:

@@ -2,10 +2,13 @@
 
 A page holds whole db_version groups bounded by `Limits` (transaction atomicity survives
 sync). The page query excludes the receiver's own site (never send a replica its own
-changes) and the versions this session merged from the receiver (`EchoRanges`). One group
-larger than a page is copied once into a TEMP table on a reader connection lent to the
-outbox for the group's life (a stable snapshot, ordered by rowid) and sent as parts, which
-the receiver stages and merges at once (sync.inbox).
+changes) and the versions this session merged from the receiver (`EchoRanges`).
+
+The pages of a backlog come off one read (`_Stream`): one query over everything the receiver
+lacks up to the db_version at its start, kept open on a reader connection lent to the outbox
+until the last row is sent. No row is read twice, and a group larger than a page is sent as
+parts straight from that read, which the receiver merges at once (sync.inbox). Memory stays
+O(page): the read is a cursor, not a copy.
 
 Reads use the database's reader connections: building pages never waits for a merge
 another session is applying.
@@ -14,9 +17,11 @@ another session is applying.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
+import msgspec
 
 from engine.database import Database
 
@@ -29,7 +34,6 @@ _SELECT_PAGE = (
     f"SELECT {CHANGE_COLUMNS} FROM crsql_changes "
     "WHERE db_version > ? AND db_version <= ? AND site_id IS NOT ?{echo} ORDER BY db_version"
 )
-_SELECT_GROUP = f"SELECT {CHANGE_COLUMNS} FROM crsql_changes WHERE db_version = ? AND site_id IS NOT ?{{echo}}"
 
 _temp_names = itertools.count(1)
 
@@ -72,30 +76,137 @@ def _row_size(row: tuple) -> int:
     return size + len(row[0]) + len(row[1]) + len(row[2]) + 48
 
 
-def _take(cursor: Any, max_rows: int, max_bytes: int, *, close: bool = True) -> tuple[list[tuple], bool]:
-    """Rows from `cursor` until one passes a bound; (rows, exhausted). Closes the cursor
-    unless `close` is false."""
-    rows: list[tuple] = []
-    size = 0
-    try:
-        for row in cursor:
-            rows.append(row)
-            size += _row_size(row)
-            if len(rows) > max_rows or size > max_bytes:
-                return rows, False
-        return rows, True
-    finally:
-        if close:
-            cursor.close()
+class _Stream:
+    """One read of the changes a receiver lacks in (after, snap], kept open across pages.
+
+    Pages come off one query instead of one query per page: no row is read twice (a group cut
+    off by a page bound stays in `buffer` for the next page) and a group larger than a page is
+    sent in parts straight from the same read, with no copy. On a file database the read is a
+    cursor in one read transaction on a reader connection lent to the stream for its life, so
+    writers go on and the snapshot stays consistent; the stream ends (and gives the reader
+    back) when the receiver has been sent everything up to `snap`. An in-memory database has
+    only the writer's connection, which cannot keep a cursor open across calls: there the
+    snapshot is copied once into a TEMP table and read back in chunks, under the writer's lock.
+    """
+
+    _CHUNK = 1000  # rows per read of the TEMP table (in-memory databases)
+
+    def __init__(self, db: Database, lease: ExitStack, session: Any, snap: int):
+        self.db, self.snap = db, snap
+        self.buffer: list[tuple[Any, ...]] = []  # rows read and not yet sent, in order
+        self.rows_read = 0
+        self._lease, self._session = lease, session
+        self._cursor: Any = None
+        self._table: str | None = None
+        self._last_rowid = 0
+        self._rows: Iterator[tuple[Any, ...]] = iter(())  # set by open(): one iterator for the stream's life
+
+    @classmethod
+    def open(cls, db: Database, after: int, ceiling: int | None,
+             query: Callable[[int, int], tuple[str, tuple[Any, ...]]]) -> tuple["_Stream | None", int]:
+        """Start reading (after, snap] where snap is the database's db_version now (at most
+        `ceiling`); `query(after, snap)` gives the SELECT and its parameters. Returns the stream,
+        or None when there is nothing after `after`, and snap."""
+        lease = ExitStack()
+        session = lease.enter_context(db.borrow_reader())
+        try:
+            if db.in_memory:
+                return cls._open_table(db, lease, session, after, ceiling, query)
+            connection = session.connection
+            lease.callback(_end_read, connection)  # before the reader goes back to the pool
+            connection.execute("BEGIN DEFERRED")
+            snap = cls._snapshot(connection, after, ceiling)
+            if snap == after:
+                lease.close()
+                return None, snap
+            stream = cls(db, lease, session, snap)
+            stream._cursor = connection.execute(*query(after, snap))
+            stream._rows = iter(stream._cursor)
+            return stream, snap
+        except BaseException:
+            lease.close()
+            raise
+
+    @classmethod
+    def _open_table(cls, db: Database, lease: ExitStack, session: Any, after: int, ceiling: int | None,
+                    query: Callable[[int, int], tuple[str, tuple[Any, ...]]]) -> tuple["_Stream | None", int]:
+        with db.reading(session) as s:
+            snap = cls._snapshot(s.connection, after, ceiling)
+            if snap == after:
+                lease.close()
+                return None, snap
+            stream = cls(db, lease, session, snap)
+            stream._table = f"__sync_out_{next(_temp_names)}"
+            sql, params = query(after, snap)
+            s.execute(f'CREATE TEMP TABLE "{stream._table}" AS {sql}', params)
+        stream._rows = stream._table_rows()
+        return stream, snap
+
+    @staticmethod
+    def _snapshot(connection: Any, after: int, ceiling: int | None) -> int:
+        snap: int = connection.execute("SELECT crsql_db_version()").fetchall()[0][0]
+        if ceiling is not None:
+            snap = min(snap, ceiling)
+        return max(snap, after)
+
+    def fill(self, max_rows: int, max_bytes: int, version: int | None = None) -> bool:
+        """Read until `buffer` ends with a row past either bound (more than `max_rows` rows or
+        `max_bytes` bytes) or, with `version`, with a row of another db_version: True, that row
+        is a look-ahead. False when the read ended first (`buffer` then holds all that is left)."""
+        buffer = self.buffer
+        count, size = len(buffer), sum(map(_row_size, buffer))
+        if count > max_rows or size > max_bytes or (version is not None and buffer and buffer[-1][5] != version):
+            return True
+        append, text, start = buffer.append, (str, bytes), count
+        try:
+            for row in self._rows:  # the hot loop of a bulk sync: _row_size inlined
+                append(row)
+                count += 1
+                value = row[3]
+                size += (len(value) if value.__class__ in text else 9) + len(row[0]) + len(row[1]) + len(row[2]) + 48
+                if count > max_rows or size > max_bytes or (version is not None and row[5] != version):
+                    return True
+            return False
+        finally:
+            self.rows_read += count - start
+
+    def _table_rows(self) -> Iterator[tuple[Any, ...]]:
+        while True:
+            with self.db.reading(self._session) as s:
+                chunk = s.execute(f'SELECT rowid, {CHANGE_COLUMNS} FROM temp."{self._table}" '
+                                  "WHERE rowid > ? ORDER BY rowid LIMIT ?", (self._last_rowid, self._CHUNK))
+            if not chunk:
+                return
+            self._last_rowid = chunk[-1][0]
+            for row in chunk:
+                yield row[1:]
+
+    def close(self) -> None:
+        """End the read and give the reader back. Idempotent."""
+        self.buffer = []
+        try:
+            if self._cursor is not None:
+                self._cursor.close()
+            elif self._table is not None:
+                with self.db.reading(self._session) as s:
+                    s.execute(f'DROP TABLE IF EXISTS temp."{self._table}"')
+        finally:
+            self._cursor = self._table = None
+            self._lease.close()
 
 
-class _Split:
-    """A group being sent in parts: its TEMP table lives on the reader lent for its life."""
+def _end_read(connection: Any) -> None:
+    """End a lent reader's read transaction: a reader still in one is closed, not pooled."""
+    if connection.in_transaction:
+        connection.execute("COMMIT")
 
-    def __init__(self, table: str, version: int, since: int, reader: ExitStack, session: Any):
-        self.table, self.version, self.since = table, version, since
-        self.reader, self.session = reader, session
-        self.offset = self.part = 0
+
+class _Split(msgspec.Struct):
+    """A group larger than a page, being sent in parts (all with the same since and upto)."""
+
+    version: int
+    since: int
+    part: int = 0
 
 
 class Outbox:
@@ -103,7 +214,9 @@ class Outbox:
 
     `since` is the receiver's watermark for us. `acked` only moves with acknowledgements;
     `scanned` may run ahead of it over versions holding nothing for the receiver (its own
-    changes), which pages may cover without saying so: a page's range starts at `acked`.
+    changes), which pages may cover without saying so. A page's range starts where the
+    previous page's ended (`produced`; pages may be in flight unacknowledged, see
+    sync.session), or at `acked` if that is further.
     """
 
     def __init__(self, db: Database, receiver: str, since: int, limits: Limits,
@@ -113,85 +226,88 @@ class Outbox:
         self.limits = limits
         self.echo = echo if echo is not None else EchoRanges()
         self._own = site_bytes(db.site_id)
-        self.acked = self.scanned = self.sent_upto = self.claimed = since
+        self.acked = self.scanned = self.sent_upto = self.claimed = self.produced = since
         self.ceiling: int | None = None  # read nothing newer than this db_version (file export)
-        self.rows_read = 0  # rows read from crsql_changes (diagnostics, tests)
+        self._read_before = 0  # rows read by streams already closed
+        self._stream: _Stream | None = None
         self._split: _Split | None = None
-        self._carry: list[tuple] = []  # the whole group `scanned` read past a page's bound, unsent
+
+    @property
+    def rows_read(self) -> int:
+        """Rows read from crsql_changes so far (diagnostics, tests)."""
+        return self._read_before + (self._stream.rows_read if self._stream is not None else 0)
 
     def next_page(self, *, marker: bool) -> Changes | None:
         """The next page, or None when the receiver is known to hold everything. With
         `marker`, an empty `caught_up` page is produced rather than None (ends an initial round)."""
-        if self._split is not None:
-            return self._next_part()
-        carry, self._carry = self._carry, []
-        with self.db.reading() as s:
-            snap = s.scalar("SELECT crsql_db_version()")
-            if self.ceiling is not None:
-                snap = min(snap, self.ceiling)
-            snap = max(snap, self.scanned)
-            if snap == self.scanned:
+        if self._stream is None:
+            self._stream, snap = _Stream.open(self.db, self.scanned, self.ceiling, self._query)
+            if self._stream is None:
                 # Nothing new to read. An empty page still moves the receiver's watermark over
                 # versions that held nothing for it (its own changes, echoes), so the next
                 # session does not re-read them; and it ends an initial round (`marker`).
-                # Versions the receiver was told it holds (`claimed`) need no page.
-                if carry or marker or max(self.acked, self.claimed) < snap:
-                    return self._page(carry, snap, caught_up=True)
+                # Versions the receiver was told it holds (`claimed`) or that a page in flight
+                # covers (`produced`) need no page.
+                if marker or max(self.acked, self.claimed, self.produced) < snap:
+                    return self._page([], snap, caught_up=True)
                 return None
-            echo, params = self.echo.clause(self.scanned, self._own)
-            cursor = s.connection.execute(_SELECT_PAGE.format(echo=echo), (self.scanned, snap, self.receiver) + params)
-            try:
-                rows, exhausted = _take(cursor, self.limits.page_changes - len(carry),
-                                        self.limits.page_bytes - sum(map(_row_size, carry)), close=False)
-                self.rows_read += len(rows)
-                rows[:0] = carry
-                if exhausted:
-                    self.scanned = snap
-                    return self._page(rows, snap, caught_up=True)
-                last = rows[-1][5]
-                cut = len(rows) - 1
-                while cut > 0 and rows[cut - 1][5] == last:
-                    cut -= 1
-                if cut == 0:
-                    pass  # one group past the bound: split below, outside this read
-                elif self._finish_group(cursor, rows, cut):
-                    self._carry = rows[cut:]
-                    self.scanned = last  # read through `last`; the carried group starts the next page
-                else:
-                    self.scanned = last - 1  # versions between the kept rows and `last` hold nothing for the receiver
-            finally:
-                cursor.close()
-        if cut == 0:
-            return self._start_split(last)
-        del rows[cut:]
-        return self._page(rows, last - 1)
+        stream = self._stream
+        if self._split is not None:
+            return self._next_part(self._split, stream)
+        if not stream.fill(self.limits.page_changes, self.limits.page_bytes):
+            rows, snap = stream.buffer, stream.snap
+            self._end_stream()
+            self.scanned = snap
+            return self._page(rows, snap, caught_up=True)
+        rows = stream.buffer
+        last = rows[-1][5]  # the look-ahead row's group is not complete in this page
+        cut = len(rows) - 1
+        while cut > 0 and rows[cut - 1][5] == last:
+            cut -= 1
+        if cut == 0:  # one group alone passes the bound: it goes in parts
+            self._split = _Split(last, self._since())
+            return self._next_part(self._split, stream)
+        stream.buffer = rows[cut:]
+        self.scanned = last - 1  # versions between the page's rows and `last` hold nothing for the receiver
+        return self._page(rows[:cut], last - 1)
 
-    def _finish_group(self, cursor: Any, rows: list[tuple], cut: int) -> bool:
-        """Read the rest of the group `rows[cut:]` belongs to, appending it to `rows`, so the
-        next page can start with it instead of reading it again. False when the group does
-        not fit one page (then the next query reads it afresh and splits it into parts).
-        Bounded: at most one page's worth of rows beyond `rows`."""
-        last = rows[-1][5]
-        count = len(rows) - cut
-        size = sum(map(_row_size, rows[cut:]))
-        for row in cursor:
-            self.rows_read += 1
-            if row[5] != last:
-                return True  # that row starts the next group: the next query reads it again
-            rows.append(row)
-            count += 1
-            size += _row_size(row)
-            if count > self.limits.page_changes or size > self.limits.page_bytes:
-                return False
-        return True
+    def _query(self, after: int, snap: int) -> tuple[str, tuple[Any, ...]]:
+        echo, params = self.echo.clause(after, self._own)
+        return _SELECT_PAGE.format(echo=echo), (after, snap, self.receiver) + params
+
+    def _next_part(self, split: _Split, stream: _Stream) -> Changes:
+        more = stream.fill(self.limits.page_changes, self.limits.page_bytes, split.version)
+        rows = stream.buffer
+        if more and rows[-1][5] == split.version:  # the group goes on past the bound
+            keep = max(1, len(rows) - 1)
+        else:  # the group ends here (the look-ahead row, if any, starts the next one)
+            keep = len(rows) - 1 if more else len(rows)
+            more = False
+        stream.buffer = rows[keep:]
+        page = Changes(since=split.since, upto=split.version, rows=rows[:keep], part=split.part, more_parts=more)
+        split.part += 1
+        self.sent_upto = max(self.sent_upto, split.version)
+        if not more:
+            self._split = None
+            self.scanned = max(self.scanned, split.version)
+            self.produced = max(self.produced, split.version)
+            if not stream.buffer and stream.fill(0, 0) is False:
+                self._end_stream()
+        return page
+
+    def _end_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            self._read_before += stream.rows_read
+            stream.close()
 
     def cover(self, low: int, high: int) -> int:
         """The receiver merged a page of ours here as our versions (low, high], which hold only
         its changes: if it holds everything of ours up to `low`, it holds everything up to
         `high` too. Returns `high` to tell it so (the Ack's `covered`), or 0 when we cannot
-        claim it (a group in parts, versions below `low` neither acknowledged nor claimed).
+        claim it (a read in progress, versions below `low` neither acknowledged nor claimed).
         A claim is a fact about what the receiver holds, so an earlier one counts like an ack."""
-        if self._split is not None or self._carry or max(self.acked, self.claimed) < low:
+        if self._stream is not None or max(self.acked, self.claimed) < low:
             return 0
         self.scanned = max(self.scanned, high)
         self.claimed = max(self.claimed, high)
@@ -202,52 +318,15 @@ class Outbox:
         self.scanned = max(self.scanned, self.acked)
 
     def close(self) -> None:
-        self._carry = []
-        if self._split is not None:
-            self._drop_split()
+        self._split = None
+        if self._stream is not None:
+            self._end_stream()
+
+    def _since(self) -> int:
+        return max(self.acked, self.produced)
 
     def _page(self, rows: list[tuple], upto: int, *, caught_up: bool = False) -> Changes:
+        page = Changes(since=self._since(), upto=upto, rows=rows, caught_up=caught_up)
         self.sent_upto = max(self.sent_upto, upto)
-        return Changes(since=self.acked, upto=upto, rows=rows, caught_up=caught_up)
-
-    def _start_split(self, version: int) -> Changes:
-        name = f"__sync_out_{next(_temp_names)}"
-        echo, params = self.echo.clause(version - 1, self._own)
-        reader = ExitStack()
-        session = reader.enter_context(self.db.borrow_reader())
-        try:
-            with self.db.reading(session) as s:
-                s.execute(f'CREATE TEMP TABLE "{name}" AS ' + _SELECT_GROUP.format(echo=echo),
-                          (version, self.receiver) + params)
-        except BaseException:
-            reader.close()
-            raise
-        self._split = _Split(name, version, self.acked, reader, session)
-        return self._next_part()
-
-    def _next_part(self) -> Changes:
-        split = self._split
-        with self.db.reading(split.session) as s:
-            cursor = s.connection.execute(
-                f'SELECT {CHANGE_COLUMNS} FROM temp."{split.table}" WHERE rowid > ? ORDER BY rowid',
-                (split.offset,),
-            )
-            rows, exhausted = _take(cursor, self.limits.page_changes, self.limits.page_bytes)
-        if not exhausted and len(rows) > 1:
-            rows.pop()  # the row past the bound starts the next part
-        page = Changes(since=split.since, upto=split.version, rows=rows, part=split.part, more_parts=not exhausted)
-        split.offset += len(rows)
-        split.part += 1
-        self.sent_upto = max(self.sent_upto, split.version)
-        if exhausted:
-            self._drop_split()
-            self.scanned = max(self.scanned, split.version)
+        self.produced = max(self.produced, upto)
         return page
-
-    def _drop_split(self) -> None:
-        split, self._split = self._split, None
-        try:
-            with self.db.reading(split.session) as s:
-                s.execute(f'DROP TABLE IF EXISTS temp."{split.table}"')
-        finally:
-            split.reader.close()

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 from engine.database import Database
 
 from .changes import CrrSchema, Limits
-from .inbox import ensure_staging
 from .watermarks import PeerWatermark, ensure_tables, watermarks
 from .challenge import ReplayGuard
 from .errors import ProtocolError
@@ -52,7 +51,6 @@ class Peer:
         self.replay_guard = ReplayGuard()
         self.limits = limits or Limits()
         ensure_tables(db)
-        ensure_staging(db)
         self._schema_facts: tuple[int, CrrSchema, str, int] | None = None
 
     def _facts(self) -> tuple[int, CrrSchema, str, int]:
@@ -98,14 +96,16 @@ class Peer:
         progress: Callable[[SyncResult], None] | None = None,
         server_key: str | bytes | None = None,
         binding: bytes = b"",
+        streaming: bool = False,
     ) -> Session:
-        """A new protocol session for one connection (see sync.session for the contract).
+        """A new protocol session for one connection (see sync.session for the contract, and
+        for what `streaming` promises).
 
         Raises:
             ValueError: `server_key` is not a public key.
         """
         return Session(self, Role(role), token=token, live=live, limits=self.limits, progress=progress,
-                       server_key=public_key_bytes(server_key), binding=binding)
+                       server_key=public_key_bytes(server_key), binding=binding, streaming=streaming)
 
     def sync_with(
         self,
@@ -145,8 +145,11 @@ class Peer:
             raise ValueError("a peer cannot sync with itself")
         if ssl is not None:
             raise ValueError("ssl= applies to wss:// URLs, not to an in-process Peer")
-        client = self.session(Role.CLIENT, token=token, progress=ProgressMeter.wrap(progress), server_key=server_key)
-        server = target.session(Role.SERVER)
+        # in order, one thread driving both sessions to the end of the round and nothing else:
+        # a streaming transport (a merge is never left waiting for a silent peer)
+        client = self.session(Role.CLIENT, token=token, progress=ProgressMeter.wrap(progress), server_key=server_key,
+                              streaming=True)
+        server = target.session(Role.SERVER, streaming=True)
         run_in_process(client, server)
         return client.result
 

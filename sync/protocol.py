@@ -32,13 +32,14 @@ Messages:
     Changes(since, upto, rows, part, more_parts, caught_up)
         A page: all changes the receiver lacks with sender db_version in (since, upto], whole
         db_version groups only. A group too large for one page is sent as parts 0..n of one
-        (since, upto) range, `more_parts` true on all but the last; the receiver stages parts
-        and merges the group in one transaction when the last arrives. `caught_up` marks the
-        page that reaches the sender's db_version at the time it was read.
+        (since, upto) range, `more_parts` true on all but the last; the receiver merges the
+        group in one transaction that commits with the last part (sync.inbox). `caught_up`
+        marks the page that reaches the sender's db_version at the time it was read.
     Ack(upto, part, watermark, applied)
-        The receiver applied (or staged) the page (upto, part); `watermark` is now its stored
-        watermark for the sender; `applied` counts the changes that took effect. Acks, not
-        sends, advance what the sender assumes the receiver has. `covered` (0: no claim) is the
+        The receiver applied (or, for a part, took) the page (upto, part); `watermark` is now its
+        stored watermark for the sender; `applied` counts the changes that took effect. Acks, not
+        sends, advance what the sender assumes the receiver has; an ack also acknowledges the
+        pages sent before that one (sync.session). `covered` (0: no claim) is the
         *acknowledging* side's db_version up to which the page's sender now holds everything
         the acknowledging side has for it (the merge of this page only re-stamped the sender's
         own changes); the sender may store it as its watermark, saving an empty page back.

@@ -21,7 +21,21 @@ Send:     send every `bytes` in `out`, in order, before feeding the next message
           Error message in `out` and `session.failed` becomes true.
 Close:    after sending `out`, close the connection when `session.finished` is true
           (round complete in one-shot mode, or failed). Always call `session.close()` at
-          the end (idempotent; it drops the session's temporary tables and staging rows).
+          the end, from the same thread (idempotent; it ends the session's reads, drops a
+          group still in parts and rolls back its open merge).
+Streaming: `streaming=True` on creation is a promise of the transport, which lets the
+          session pipeline: (1) messages arrive in the order they were sent, whole (a
+          socket, or in-process delivery); (2) one thread drives the session and does
+          nothing else between its messages; (3) while `session.holding_merge` is true, if
+          no message arrived for `session.limits.merge_patience` seconds, the transport
+          calls `out = session.release_merge()` and sends `out`. In return the session keeps
+          up to `limits.window` pages in flight per direction (the sender reads page n+1
+          while the receiver merges page n), and merges a group that arrives in parts part by
+          part into one write transaction held open until its last part (instead of all at
+          the last part): that transaction holds the database's write lock, hence (2) and
+          (3) — a release rolls it back and the group is merged at its last part instead.
+          Without the promise (e.g. the lossy simulated network of sync.testing), one page
+          is in flight and parts are merged at the last one.
 Outcome:  `session.result` (a `SyncResult`, updated live: pulled/pushed counts, bytes,
           remote site; `progress=fn` on creation calls fn(result) after every page) and
           `session.error` (a `SyncError` or None); `session.raise_for_error()` raises it.
@@ -44,10 +58,14 @@ One round (what goes over the wire):
                                      ◀──  Ack per page
     finished (one-shot): the client closes; the server's session is finished as well.
 
-Flow control: at most one page in flight per direction; the next page is read from the
-database only when the previous one is acknowledged, so memory holds O(page) whatever
-the backlog. A page holds whole db_version groups bounded by `Limits` (changes and
-bytes); a larger group goes as parts that the receiver stages and merges at once.
+Flow control: at most `limits.window` pages (1 unless `streaming`) in flight per direction;
+a page is read from the database only when the window has room, so memory holds
+O(window x page) whatever the backlog. Each page says which versions it covers,
+(since, upto], and each starts where the previous one ended, so a receiver notices a lost
+page (a gap) instead of skipping it. Acks are cumulative: an ack of a page acknowledges
+the pages sent before it (the receiver applies them in order, and refuses a gap). A page
+holds whole db_version groups bounded by `Limits` (changes and bytes); a larger group goes
+as parts that the receiver merges at once (sync.inbox).
 
 Live mode (`live=True` on the client; the server follows the client's Hello): after the
 initial round both sessions stay open (`session.state is State.LIVE`, `finished` false)
@@ -55,9 +73,8 @@ and push new local commits. The transport tells the session that local commits m
 have happened by calling `out = session.local_changes()` and sends `out` — from a
 `db.on_commit` listener (hand it over to the connection's thread) and/or a cheap poll
 (e.g. every 50-200 ms, which also catches other processes' commits). `local_changes()`
-is cheap when nothing changed (one `crsql_db_version()` read) and returns [] while a page
-is in flight: the acknowledgement of that page sends whatever is pending, so no commit is
-missed. Merges applied by this session are committed too and relay to the other
+is cheap when nothing changed (one `crsql_db_version()` read) and returns [] while the
+window is full: the acknowledgements send whatever is pending, so no commit is missed. Merges applied by this session are committed too and relay to the other
 connected peers' sessions through the same notification (a change never goes back to
 the site it came from: the page query excludes the receiver's own site id, and rows this
 session merged from the peer are not echoed back). A page may be empty: it only moves
@@ -73,12 +90,14 @@ before anything is read or applied. A peer of the recorded incarnation that anno
 db_version below the watermark (its file lost commits) has its changes read again from 0
 (idempotent).
 
-Threading: a Session is not thread-safe. Call its methods from one thread (or under one
-lock per session). Many sessions may share one Peer and one Database.
+Threading: a Session is not thread-safe. Call its methods from one thread (one thread for
+the session's life when `streaming`). Many sessions may share one Peer and one Database.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 from collections.abc import Callable
 from enum import Enum
@@ -89,6 +108,7 @@ import msgspec
 
 from engine.errors import EngineError
 
+from . import hops
 from .changes import Limits
 from .errors import (
     ApplyError,
@@ -110,9 +130,12 @@ from .trust import Grant, authorize_write
 if TYPE_CHECKING:
     from .peer import Peer
 
-__all__ = ["Session", "SyncResult", "Role", "State"]
+__all__ = ["Session", "SyncResult", "Role", "State", "ACKS_PER_RECORD"]
 
 log = logging.getLogger("sync")
+
+ACKS_PER_RECORD = 32
+"""Live mode stores acknowledgements every this many acks, and at close (see `_record_ack`)."""
 
 
 class Role(str, Enum):
@@ -158,7 +181,7 @@ class Session:
 
     def __init__(self, peer: "Peer", role: Role, *, token: str | None = None, live: bool = False,
                  limits: Limits | None = None, progress: Callable[[SyncResult], None] | None = None,
-                 server_key: bytes | None = None, binding: bytes = b""):
+                 server_key: bytes | None = None, binding: bytes = b"", streaming: bool = False):
         self.peer = peer
         self.db = peer.db
         self.role = Role(role)
@@ -166,6 +189,8 @@ class Session:
         self.live = live
         self.limits = limits or peer.limits
         self.progress = progress
+        self.streaming = streaming
+        self.window = max(1, self.limits.window) if streaming else 1
         self.state = State.HANDSHAKE
         self.error: SyncError | None = None
         self.result = SyncResult()
@@ -173,7 +198,9 @@ class Session:
         self._outbox: Outbox | None = None
         self._inbox: Inbox | None = None
         self._push_since: int | None = None  # client: the server's watermark for us
-        self._in_flight: Changes | None = None
+        self._in_flight: collections.deque[Changes] = collections.deque()  # oldest first
+        self._unrecorded: tuple[int, int] | None = None  # live: (acked, covered) not stored yet
+        self._acks_unrecorded = 0
         self._may_send = False
         self._send_done = False
         self._recv_done = False
@@ -200,7 +227,10 @@ class Session:
         if self.finished or self._closed:
             return []
         try:
+            started = hops.now() if hops.ENABLED else 0
             message = decode(data, max_bytes=self.limits.max_message_bytes)
+            if started:
+                hops.since("decode", started)
             self.result.bytes_received += len(data)
             return self._dispatch(message)
         except SyncError as error:
@@ -222,11 +252,36 @@ class Session:
         except apsw.Error as error:
             return self._fail(ApplyError(f"reading changes failed on this replica: {error}"), exc=error)
 
+    @property
+    def holding_merge(self) -> bool:
+        """True while a group sent in parts is being merged in a transaction held open between
+        messages (`streaming` sessions): the transport must call `release_merge()` when no message
+        arrived for `limits.merge_patience` seconds."""
+        return self._inbox is not None and self._inbox.holding_merge
+
+    def release_merge(self) -> list[bytes]:
+        """The peer went quiet in the middle of a group: let other writers in (the group goes on,
+        merged when its last part arrives). Returns the messages to send (an Error, if the
+        database failed)."""
+        if self._inbox is None or self._closed:
+            return []
+        try:
+            self._inbox.release()
+        except apsw.Error as error:
+            return self._fail(ApplyError(f"rolling back a merge failed on this replica: {error}"), exc=error)
+        return []
+
     def close(self) -> None:
-        """Release the session's temporary tables and staged parts. Idempotent."""
+        """Release the session's reads, group parts and open merge. Idempotent; call it from the
+        thread that drives the session (an open merge holds that thread's write lock)."""
         if self._closed:
             return
         self._closed = True
+        if self._unrecorded is not None:
+            try:
+                record_ack(self.db, self.remote.site_id, *self._unrecorded, self.remote.incarnation)
+            except (apsw.Error, EngineError) as error:  # a closed database: a re-read next time, no more
+                log.debug("sync session %s: close: acks not recorded: %s", self._name(), error)
         for part in (self._outbox, self._inbox):
             if part is not None:
                 try:
@@ -299,7 +354,8 @@ class Session:
         self.remote = hello
         self.result.remote_site = hello.site_id
         self.result.remote_db_version = hello.db_version
-        self._inbox = Inbox(self.db, hello.site_id, self.peer.schema, self.limits, hello.incarnation)
+        self._inbox = Inbox(self.db, hello.site_id, self.peer.schema, self.limits, hello.incarnation,
+                            eager=self.streaming)
         held = self._held_record(hello)
         self.result.pull_from = self.result.pulled_upto = held.received
         if self.role is Role.SERVER:
@@ -387,28 +443,53 @@ class Session:
         return out
 
     def _on_ack(self, ack: Ack) -> list[bytes]:
-        page = self._in_flight
-        if page is None or (ack.upto, ack.part) != (page.upto, page.part):
+        acked = self._acked_pages(ack)
+        if not acked:
             if self._outbox is None or ack.upto > self._outbox.sent_upto:
                 raise ProtocolError(f"ack for page (upto={ack.upto}, part={ack.part}) that was never sent")
             return []  # a duplicate or late ack of an earlier page
+        page = acked[-1]
         if not page.more_parts and ack.watermark < page.upto:
             raise ProtocolError(
                 f"ack of page upto={page.upto} reports watermark {ack.watermark}: the page was not applied"
             )
-        self._in_flight = None
-        if not page.more_parts:
-            self.result.pushed_upto = max(self.result.pushed_upto, page.upto)
-        self.result.pushed += len(page.rows)
+        for done in acked:
+            del self._in_flight[0]
+            if not done.more_parts:
+                self.result.pushed_upto = max(self.result.pushed_upto, done.upto)
+                self._send_done = self._send_done or done.caught_up
+            self.result.pushed += len(done.rows)
         self._report()
         self._outbox.acknowledged(ack.watermark)
         if not page.more_parts:
-            record_ack(self.db, self.remote.site_id, ack.watermark, ack.covered, self.remote.incarnation)
-        if page.caught_up and not page.more_parts:
-            self._send_done = True
+            self._record_ack(ack.watermark, ack.covered)
         out = self._pump() if self._sending_allowed() else []
         self._update_state()
         return out
+
+    def _record_ack(self, acked: int, covered: int) -> None:
+        """Store what the peer acknowledged (and, with `covered`, what we hold of it). In live mode
+        every page is acked, and a write transaction per ack costs more than the page (and wakes
+        every connection of the database): there the latest is kept here and stored every
+        `ACKS_PER_RECORD` acks and when the session closes. Losing it in a crash costs a re-read
+        of versions already held, never a gap: the watermark that guards merges is stored with
+        each merge (sync.inbox)."""
+        if self._unrecorded is not None:
+            acked, covered = max(acked, self._unrecorded[0]), max(covered, self._unrecorded[1])
+        if self.state is State.LIVE and self._acks_unrecorded + 1 < ACKS_PER_RECORD:
+            self._unrecorded = (acked, covered)
+            self._acks_unrecorded += 1
+            return
+        self._unrecorded, self._acks_unrecorded = None, 0
+        record_ack(self.db, self.remote.site_id, acked, covered, self.remote.incarnation)
+
+    def _acked_pages(self, ack: Ack) -> list[Changes]:
+        """The pages in flight this ack acknowledges: the one it names and every one sent
+        before it (cumulative); [] when it names none in flight."""
+        for index, page in enumerate(self._in_flight):
+            if (page.upto, page.part) == (ack.upto, ack.part):
+                return list(itertools.islice(self._in_flight, index + 1))
+        return []
 
     # -- sending -------------------------------------------------------------------------
 
@@ -420,7 +501,7 @@ class Session:
         move its watermark (a message, an ack and two commits per live write). 0: no claim
         (one-shot rounds keep their exact page-by-page watermarks).
         """
-        if merged is None or self.state is not State.LIVE or self._in_flight is not None or self._outbox is None:
+        if merged is None or self.state is not State.LIVE or self._in_flight or self._outbox is None:
             return 0
         return self._outbox.cover(*merged)
 
@@ -428,21 +509,30 @@ class Session:
         return self._may_send and (not self._send_done or self.live)
 
     def _pump(self) -> list[bytes]:
-        """The next page if none is in flight and there is something to send."""
-        if self._in_flight is not None or self._outbox is None:
-            return []
-        page = self._outbox.next_page(marker=not self._send_done)
-        if page is None:
-            return []
-        data = self._encode(page)
-        if len(data) > self.limits.max_message_bytes:
-            raise ProtocolError(
-                f"a page of {len(page.rows)} changes encodes to {len(data)} bytes, above the "
-                f"{self.limits.max_message_bytes}-byte message limit (a single change too large?)"
-            )
-        self._in_flight = page
-        self.result.pages_sent += 1
-        return [data]
+        """The next pages while the window has room and there is something to send. In the
+        initial round nothing follows the page that ends it (`caught_up`) until it is acked."""
+        out: list[bytes] = []
+        while self._outbox is not None and len(self._in_flight) < self.window:
+            if not self._send_done and self._in_flight and self._in_flight[-1].caught_up:
+                break
+            started = hops.now() if hops.ENABLED else 0
+            page = self._outbox.next_page(marker=not self._send_done)
+            if page is None:
+                break
+            if started:
+                started = hops.since("read", started)
+            data = self._encode(page)
+            if started:
+                hops.since("encode", started)
+            if len(data) > self.limits.max_message_bytes:
+                raise ProtocolError(
+                    f"a page of {len(page.rows)} changes encodes to {len(data)} bytes, above the "
+                    f"{self.limits.max_message_bytes}-byte message limit (a single change too large?)"
+                )
+            self._in_flight.append(page)
+            self.result.pages_sent += 1
+            out.append(data)
+        return out
 
     # -- helpers -------------------------------------------------------------------------
 

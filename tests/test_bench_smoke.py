@@ -58,3 +58,20 @@ def test_quick_run_of_b8_measures_each_authentication_mode(tmp_path):
     assert set(rows) == {"B10-keys", "B10-tls"}
     for row in rows.values():
         assert row["unit"] == "ms" and row["ours"] > 0 and row["baseline"] > 0 and not row["notes"].startswith("failed")
+
+
+def test_quick_run_of_the_two_process_rows_b5_b8(tmp_path):
+    """B5 (hub and clients in three processes, with its hop breakdown) and B8 (a huge
+    transaction, in-process and over WebSocket between two processes) run and report."""
+    out = tmp_path / "results.json"
+    completed = subprocess.run(
+        [sys.executable, "bench/run.py", "B5,B8", "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    rows = {row["id"]: row for row in json.loads(out.read_text())["rows"]}
+    assert {"B5-p50", "B5-hub-p50", "B5-relay-p50", "B8", "B8-pull", "B8-push"} <= set(rows)
+    assert all(row["ours"] > 0 and not row["notes"].startswith("failed") for row in rows.values())
+    assert all("changes/s" in rows[b]["notes"] for b in ("B8", "B8-pull", "B8-push"))
+    assert "B5 hop breakdown" in completed.stdout
+    for hop in ("read", "merge", "commit", "handoff"):
+        assert any(line.split()[:1] == [hop] for line in completed.stdout.splitlines()), hop

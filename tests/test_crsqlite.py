@@ -151,3 +151,40 @@ def test_empty_text_and_blob_values_merge(open_db):
         tx.execute("INSERT INTO topics (id, workflow_id, name) VALUES ('', '', '')")
     merge(a, b)
     assert b.connection.execute("SELECT id, workflow_id, name FROM topics").fetchall() == [("", "", "")]
+
+
+def _raw_crr(connection, table: str) -> None:
+    connection.execute(f"CREATE TABLE {table} (id TEXT NOT NULL PRIMARY KEY, a TEXT NOT NULL DEFAULT '')")
+    connection.execute(f"SELECT crsql_as_crr('{table}')").fetchall()
+
+
+def test_changes_query_sees_a_crr_created_after_an_earlier_query(tmp_path):
+    """The UNION statement crsql_changes keeps prepared between queries (patch 07) is prepared
+    again when the CRR tables change; a connection holding it still closes."""
+    connection = connect(str(tmp_path / "raw.db"))
+    try:
+        _raw_crr(connection, "t1")
+        connection.execute("INSERT INTO t1 (id, a) VALUES ('x', 'one')")
+        query = 'SELECT "table", cid, val FROM crsql_changes WHERE db_version > ? ORDER BY db_version'
+        assert connection.execute(query, (0,)).fetchall() == [("t1", "a", "one")]
+        assert connection.execute(query, (0,)).fetchall() == [("t1", "a", "one")]  # the kept statement
+        _raw_crr(connection, "t2")
+        connection.execute("INSERT INTO t2 (id, a) VALUES ('y', 'two')")
+        assert connection.execute(query, (0,)).fetchall() == [("t1", "a", "one"), ("t2", "a", "two")]
+    finally:
+        close_connection(connection)
+
+
+def test_a_read_of_changes_closed_half_way_leaves_the_next_one_whole(tmp_path):
+    connection = connect(str(tmp_path / "raw.db"))
+    try:
+        _raw_crr(connection, "t1")
+        for i in range(5):
+            connection.execute("INSERT INTO t1 (id, a) VALUES (?, ?)", (f"k{i}", f"v{i}"))
+        query = "SELECT val FROM crsql_changes WHERE db_version > ? ORDER BY db_version"
+        cursor = connection.execute(query, (0,))
+        assert [next(cursor), next(cursor)] == [("v0",), ("v1",)]
+        cursor.close()  # the kept statement is reset, not left half-read
+        assert connection.execute(query, (1,)).fetchall() == [("v1",), ("v2",), ("v3",), ("v4",)]
+    finally:
+        close_connection(connection)

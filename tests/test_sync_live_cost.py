@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from sync import Peer, State
+from sync.session import ACKS_PER_RECORD
 from sync.changes import Limits
 from sync.outbox import Outbox
 from sync.watermarks import ensure_tables, watermarks
@@ -168,3 +169,39 @@ def test_a_carried_group_is_sent_even_when_nothing_newer_exists(open_db):
     assert read == 27
     write(a, "UPDATE topics SET name = 'z' WHERE id = 'x0'")  # x0.name moves from the first group to a new one
     assert [len(p.rows) for p in _read_all(a, Limits(page_changes=20))[0]] == [14, 13]
+
+
+def test_reading_pages_gives_the_reader_back_to_the_pool(open_db):
+    """A live sender checks for new commits often: its read must not cost a new connection."""
+    a = open_db("a")
+    ensure_tables(a)
+    topic(a, "t1")
+    outbox = Outbox(a, "0" * 32, 0, Limits())
+    with a.borrow_reader() as reader:
+        pooled = reader.connection
+    assert len(outbox.next_page(marker=False).rows) == 3  # something new
+    assert outbox.next_page(marker=False) is None  # nothing new
+    outbox.acknowledged(a.db_version)
+    assert outbox.next_page(marker=False) is None
+    with a.borrow_reader() as reader:
+        assert reader.connection is pooled and not pooled.in_transaction
+
+
+@pytest.mark.cluster(n=2)
+def test_live_acks_are_stored_in_batches_and_when_the_link_closes(cluster):
+    """In live mode an ack costs no write transaction: acks are stored every ACKS_PER_RECORD
+    and when the session closes (what the peer holds is stored with every merge regardless)."""
+    a, b = cluster.replica(0), cluster.replica(1)
+    link = _live_pair(cluster)  # b is the client, a the server
+    acked = lambda: {m.site_id: m.acked for m in watermarks(a)}.get(b.site_id, 0)  # noqa: E731
+    stored = acked()
+    for k in range(3):
+        topic(a, f"a{k}")
+        link.notify()
+    assert len(state(b)) == 3 and acked() == stored  # three acks, held by a's session
+    for k in range(3, 3 + ACKS_PER_RECORD):
+        topic(a, f"a{k}")
+        link.notify()
+    assert stored < acked() < a.db_version  # a batch was stored
+    link.close()
+    assert acked() == a.db_version

@@ -2,7 +2,8 @@
 
 A reader thread moves received frames into a bounded inbox; the owner's thread runs the
 session (the only thread touching it), sends what comes out, and on a wake (new commits,
-from `db.on_change`) asks the session for pages. Neither thread ever waits on the other side
+from `db.on_commit` at once or `db.on_change` for any other writer) asks the session for
+pages. Neither thread ever waits on the other side
 of the network while the other one needs it, so two peers pushing at each other cannot
 deadlock.
 """
@@ -10,6 +11,7 @@ deadlock.
 from __future__ import annotations
 
 import logging
+import collections
 import queue
 import threading
 import time
@@ -21,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from engine import Database
 
+from .. import hops
 from ..errors import TransportError
 from ..session import Session, State, SyncResult
 
@@ -66,29 +69,49 @@ class TransportStats:
 class Timeouts:
     """The waits of one channel: `idle_timeout` seconds between two frames, and one deadline
     `handshake_timeout` seconds after the start for the whole opening exchange (a silent or
-    stalling peer must not hold a server thread or task). None: no limit."""
+    stalling peer must not hold a server thread or task). None: no limit. While the session
+    holds a merge open (`Session.holding_merge`), `limits.merge_patience` seconds after the
+    last frame: then the merge is released (`patience_over`)."""
 
     def __init__(self, label: str, idle_timeout: float | None, handshake_timeout: float | None):
         self.label = label
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
         self.deadline = None if handshake_timeout is None else time.monotonic() + handshake_timeout
+        self.last_frame = time.monotonic()
+
+    def frame_received(self) -> None:
+        self.last_frame = time.monotonic()
 
     def next_wait(self, session: Session) -> float | None:
         """How long the next wait for a frame may last: the idle timeout, cut short by the
-        handshake deadline while the session is still in its handshake."""
+        handshake deadline while the session is still in its handshake, and by the merge
+        patience while it holds a merge open."""
         if self.deadline is not None and session.state is not State.HANDSHAKE:
             self.deadline = None
-        if self.deadline is None:
-            return self.idle_timeout
-        left = max(0.0, self.deadline - time.monotonic())
-        return left if self.idle_timeout is None else min(self.idle_timeout, left)
+        wait = self.idle_timeout
+        if self.deadline is not None:
+            wait = _shorter(wait, max(0.0, self.deadline - time.monotonic()))
+        if session.holding_merge:
+            wait = _shorter(wait, max(0.0, self._patience_left(session)))
+        return wait
+
+    def patience_over(self, session: Session) -> bool:
+        """The session holds a merge open and nothing arrived for `merge_patience` seconds."""
+        return session.holding_merge and self._patience_left(session) <= 0
+
+    def _patience_left(self, session: Session) -> float:
+        return session.limits.merge_patience - (time.monotonic() - self.last_frame)
 
     def expired(self) -> TransportError:
         """The error for a wait that ran out."""
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return TransportError(f"{self.label}: handshake not complete after {self.handshake_timeout:g}s")
         return TransportError(f"{self.label}: nothing received for {self.idle_timeout:g}s")
+
+
+def _shorter(wait: float | None, limit: float) -> float:
+    return limit if wait is None else min(wait, limit)
 
 
 def closed_reason(exc: ConnectionClosed | None) -> str:
@@ -133,10 +156,19 @@ class Channel:
         self._inbox: queue.Queue[bytes | _Token] = queue.Queue(maxsize=INBOX_FRAMES)
         self._wake_pending = threading.Event()
         self._counted = (0, 0, 0)
+        # sync.hops timing points (only with hops.ENABLED): when the last commit ended, when
+        # wake() was called, and when each frame still in the inbox was received
+        self._committed_ns = self._woken_ns = 0
+        self._received_ns: collections.deque[int] = collections.deque()
 
     def wake(self) -> None:
         """Local commits may exist: callable from any thread, never blocks, never lost."""
         if not self._wake_pending.is_set():
+            if hops.ENABLED:
+                self._woken_ns = hops.now()
+                if self._committed_ns:
+                    hops.add("notify", self._woken_ns - self._committed_ns)
+                    self._committed_ns = 0
             self._wake_pending.set()
             try:
                 self._inbox.put_nowait(_Token.WAKE)
@@ -162,7 +194,11 @@ class Channel:
         timeouts = Timeouts(self.label, idle_timeout, handshake_timeout)
         reader = threading.Thread(target=self._read, name=f"sync-ws-read {self.label}", daemon=True)
         reader.start()
+        # on_change sees every commit to the file (its notifier thread wakes us); on_commit runs
+        # on the committing thread right after a commit through this Database object, which
+        # spares a local write or a relayed merge the hop through that thread
         unsubscribe = db.on_change(self.wake) if db is not None else None
+        uncommit = db.on_commit(self._on_commit) if db is not None else None
         try:
             self._send(self.session.start())
             self.wake()
@@ -170,13 +206,23 @@ class Channel:
                 try:
                     item = self._inbox.get(timeout=timeouts.next_wait(self.session))
                 except queue.Empty:
+                    if self.session.holding_merge:  # the wait was the merge's patience
+                        if timeouts.patience_over(self.session):
+                            self._send(self.session.release_merge())  # a quiet peer mid-group
+                        continue
                     raise timeouts.expired() from None
                 if item is _Token.CLOSED:
                     break
                 if item is not _Token.WAKE:
+                    timeouts.frame_received()
+                    if hops.ENABLED:
+                        hops.since("handoff", self._received_ns.popleft())
                     self._send(self.session.receive(item))
                 if self._wake_pending.is_set() and not self.session.finished:
                     self._wake_pending.clear()
+                    if hops.ENABLED and self._woken_ns:
+                        hops.since("loop", self._woken_ns)
+                        self._woken_ns = 0
                     self._send(self.session.local_changes())
                 self._count()
                 if on_progress is not None:
@@ -186,6 +232,8 @@ class Channel:
         finally:
             if unsubscribe is not None:
                 unsubscribe()
+            if uncommit is not None:
+                uncommit()
             self.ws.close()
             self._drain_until_done(reader)
             self._count()
@@ -206,13 +254,25 @@ class Channel:
 
     def _send(self, frames: list[bytes]) -> None:
         for frame in frames:
+            started = hops.now() if hops.ENABLED else 0
             self.ws.send(frame)
+            if started:
+                hops.since("send", started)
+
+    def _on_commit(self) -> None:
+        """A commit through this database just ended (on the committing thread)."""
+        if hops.ENABLED:
+            self._committed_ns = hops.now()
+        self.wake()
 
     def _read(self) -> None:
         """Thread entry: frames into the inbox until the connection closes."""
         try:
             while True:
-                self._inbox.put(self.ws.recv(decode=False))
+                frame = self.ws.recv(decode=False)
+                if hops.ENABLED:
+                    self._received_ns.append(hops.now())
+                self._inbox.put(frame)
         except ConnectionClosed as exc:
             self.close_exc = exc
         except Exception:

@@ -164,7 +164,7 @@ def sync_with_url(
     server_key = public_key_bytes(server_key)  # a bad key is refused before connecting
     ws = _open(url, max_size=max_size, open_timeout=open_timeout, ssl=ssl)
     session = peer.session(Role.CLIENT, token=token, live=False, progress=ProgressMeter.wrap(progress),
-                           server_key=server_key, binding=channel_binding(ws.socket))
+                           server_key=server_key, binding=channel_binding(ws.socket), streaming=True)
     try:
         channel = Channel(ws, session, label=f"sync {url}")
         channel.run(idle_timeout=idle_timeout)
@@ -282,7 +282,7 @@ class LiveClient:
                 return False
             self._ws = ws
         session = self.peer.session(Role.CLIENT, token=self.token, live=True, server_key=self.server_key,
-                                    binding=channel_binding(ws.socket))
+                                    binding=channel_binding(ws.socket), streaming=True)
         channel = Channel(ws, session, label=f"live {self.url}", stats=self.stats)
         self.stats.add(connections=1)
         try:

@@ -77,7 +77,7 @@ class SyncServer:
         """Connection entry (one thread each, started by websockets): run one session."""
         self.stats.add(connections=1)
         label = f"server :{self.port} <- {remote_address(ws)}"
-        session = self.peer.session(Role.SERVER, binding=channel_binding(ws.socket))
+        session = self.peer.session(Role.SERVER, binding=channel_binding(ws.socket), streaming=True)
         channel = Channel(ws, session, label=label, stats=self.stats)
         try:
             channel.run(db=self.db, handshake_timeout=self.handshake_timeout)
