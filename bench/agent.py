@@ -9,7 +9,7 @@ one JSON object per line; each reply is one JSON line (`{"ok": ...}` or `{"error
 
 Commands:
     open path [audit]    open (creating) a replica at `path` with the benchmarks' manual clock
-                         (the conflict audit off unless `audit` is true, as in bench.data)
+                         (the conflict audit on unless `audit` is false, as in bench.data)
     serve                serve it over WebSocket on a free loopback port; reply the URL
     connect url          keep it in live sync with `url`; reply once connected and caught up
     pull url             one sync round with `url` (timed here, reply seconds and counts)
@@ -112,7 +112,7 @@ class Agent:
         op = command["op"]
         if op == "open":
             self.db = Database.open(command["path"], clock=ManualClock(start_ms=NOW_MS),
-                                    audit=command.get("audit", False))
+                                    audit=command.get("audit", True))
             return self.db.site_id
         if op == "serve":
             import sync

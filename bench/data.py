@@ -3,9 +3,9 @@ replicas holding N changes, and the raw-copy baseline of the sync benchmarks.
 
 Replicas are real: `engine.Database.open` on a file in a temp folder (real migrations, the
 real extension, WAL), with a `ManualClock` so two runs write identical timestamps. They are
-opened with the after-merge conflict audit off unless asked (`audit=True`): the sync rows
-measure sync against the raw floor, and B3-audit measures what the audit (on by default in
-`Database.open`) adds to the same sync.
+opened as a user opens them: with the after-merge conflict audit on (the default of
+`Database.open`), so every sync row includes it; B3-audit measures what it adds to the same
+sync (on vs `audit=False`).
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ class Workspace:
     def path(self, stem: str) -> Path:
         return self.folder / f"{stem}-{next(self._names)}.db"
 
-    def fresh(self, stem: str = "replica", *, audit: bool = False) -> Database:
+    def fresh(self, stem: str = "replica", *, audit: bool = True) -> Database:
         return self.open_path(self.path(stem), audit=audit)
 
-    def open_path(self, path: Path | str, *, audit: bool = False) -> Database:
+    def open_path(self, path: Path | str, *, audit: bool = True) -> Database:
         """Open (creating) the replica at `path` with the benchmarks' manual clock."""
         return Database.open(path, clock=ManualClock(start_ms=NOW_MS), audit=audit)
 

@@ -14,7 +14,7 @@ that transaction on the origin until the commit that made the row visible on the
 A second, shorter run with `SYNC_HOPS=1` in the agents prints where a hop's time goes (sync.hops:
 notify, loop, read, encode, send, hand-off, decode, merge, commit) per process. The latency
 figures come from the first run, which has the timing points switched off. The replicas run
-with the conflict audit off, like every sync row (bench.data); it adds ~130 us to a merge
+with the conflict audit on, like every sync row (bench.data); it adds ~130 us to a merge
 (bench/PROFILE.md). A receiver's `commit` hop includes the benchmark's own visibility check
 (one SELECT in a commit listener, after the commit time it reports).
 """

@@ -35,8 +35,8 @@ def measure(mode: str, source_path: str, target_path: str) -> dict:
         raise ValueError(f"mode must be 'ours' or 'raw', not {mode!r}")
     import sync  # imported before the measurement starts, like everything else
 
-    source = Database.open(source_path, clock=ManualClock(start_ms=NOW_MS), audit=False)
-    target = Database.open(target_path, clock=ManualClock(start_ms=NOW_MS), audit=False)
+    source = Database.open(source_path, clock=ManualClock(start_ms=NOW_MS))
+    target = Database.open(target_path, clock=ManualClock(start_ms=NOW_MS))
     try:
         if mode == "ours":
             source_peer, target_peer = sync.Peer(source), sync.Peer(target)

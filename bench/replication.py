@@ -38,7 +38,7 @@ def receiver_digest(db) -> str:
     return db_digest(db.connection, CRR_TABLES, clock_rows=True)
 
 
-def sync_trials(ws: Workspace, source, pull, *, audit: bool = False):
+def sync_trials(ws: Workspace, source, pull, *, audit: bool = True):
     """Ours and the baseline for one source: `pull(receiver_db)` runs our sync and returns
     its result object; `audit` turns the receiver's conflict audit on for ours."""
     results: list = []
@@ -93,8 +93,8 @@ def b3_in_process(ctx, changes: int) -> list[Row]:
     source = ctx.ws.source(changes)
     source_peer = sync.Peer(source)
     pull = lambda db: sync.Peer(db).sync_with(source_peer)  # noqa: E731
-    audited, _, _ = sync_trials(ctx.ws, source, pull, audit=True)
-    plain, _, _ = sync_trials(ctx.ws, source, pull)
+    audited, _, _ = sync_trials(ctx.ws, source, pull)
+    plain, _, _ = sync_trials(ctx.ws, source, pull, audit=False)
     audit = measure_pair("B3-audit", audited, plain, ctx.reps)
     return [ratio_row("B3", what, pair, limit=B3_LIMIT, extra=facts),
             ratio_row("B3-audit", "  same sync, receiver's conflict audit on (vs off)", audit, limit=AUDIT_LIMIT)]

@@ -39,19 +39,22 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any, TextIO
 
 import msgspec
 
 from engine import Database
 
-from .errors import UnknownPeerError
+from .errors import PeerRefusedError, UnknownPeerError
 from .identity import load_identity
 from .peer import Peer
 from .tls import client_context, server_context, write_self_signed
 from .trust import trust_peer
+
+if TYPE_CHECKING:
+    from .websocket import LiveClient, SyncServer
 
 __all__ = ["main", "table_checksums", "TableChecksum"]
 
@@ -63,6 +66,9 @@ CONVERGE_TIMEOUT_S = 20.0
 LATENCY_SAMPLES = 40
 
 log = logging.getLogger("sync.demo")
+
+_Json = dict[str, Any]
+"""One command or answer of the replica processes: a JSON object."""
 
 
 # -- the proof: row checksums --------------------------------------------------------------
@@ -102,13 +108,13 @@ class _ReplicaLoop:
     def __init__(self, name: str, db: Database, *, serve: bool, url: str | None, tls: "_DemoTls",
                  server_key: str | None):
         self.name, self.db, self.url, self.tls, self.server_key = name, db, url, tls, server_key
-        self.server = None
-        self.client = None
+        self.server: SyncServer | None = None
+        self.client: LiveClient | None = None
         self.serve = serve
         self.written = 0
         self.earlier = {"sent": 0, "received": 0, "applied": 0}  # counters of live clients already closed
 
-    def start(self) -> dict:
+    def start(self) -> _Json:
         from . import websocket
 
         if self.serve:
@@ -124,11 +130,11 @@ class _ReplicaLoop:
         if self.server is not None:
             self.server.close()
 
-    def run(self, stdin, stdout) -> None:
+    def run(self, stdin: Iterable[str], stdout: TextIO) -> None:
         """Serve commands until `quit` or end of input (the orchestrator went away)."""
         for line in stdin:
             command = json.loads(line)
-            handler: Callable[[dict], dict] = getattr(self, "op_" + command["op"])
+            handler: Callable[[_Json], _Json] = getattr(self, "op_" + command["op"])
             try:
                 reply = handler(command)
             except Exception as exc:  # one bad command must not kill the replica
@@ -141,7 +147,7 @@ class _ReplicaLoop:
 
     # commands --------------------------------------------------------------------------
 
-    def op_write(self, command: dict) -> dict:
+    def op_write(self, command: _Json) -> _Json:
         """Publish `count` events (5 per transaction) and record progress in handler state."""
         tag, count = command["tag"], command["count"]
         for start in range(0, count, 5):
@@ -157,12 +163,12 @@ class _ReplicaLoop:
             self.db.handler_state.set(WORKFLOW, SHARED_STATE, {"last_writer": self.name, "tag": tag})
         return {"db_version": self.db.db_version}
 
-    def op_publish_one(self, command: dict) -> dict:
+    def op_publish_one(self, command: _Json) -> _Json:
         """One event in its own transaction; answers the commit time (monotonic, system-wide)."""
         self.db.events.publish(WORKFLOW, TOPICS[0], command["message_id"], {"probe": True})
         return {"committed_ns": time.monotonic_ns()}
 
-    def op_await(self, command: dict) -> dict:
+    def op_await(self, command: _Json) -> _Json:
         """Wait until an event with `message_id` is committed here; answer when it was seen.
 
         Woken by the database's commit listener (the live client applies pages through
@@ -185,7 +191,7 @@ class _ReplicaLoop:
         finally:
             remove()
 
-    def op_disconnect(self, command: dict) -> dict:
+    def op_disconnect(self, command: _Json) -> _Json:
         if self.client is not None:
             self.client.close()
             self.earlier["sent"] += self.client.stats.changes_sent
@@ -194,18 +200,20 @@ class _ReplicaLoop:
             self.client = None
         return {"connected": False}
 
-    def op_connect(self, command: dict) -> dict:
+    def op_connect(self, command: _Json) -> _Json:
         from . import websocket
 
+        if self.url is None:
+            raise RuntimeError(f"replica {self.name} has no server to connect to")
         self.client = websocket.connect(self.db, self.url, server_key=self.server_key,
                                         ssl=client_context(cafile=self.tls.cert))
         self.client.wait_connected(REPLY_TIMEOUT_S)
         return {"connected": True}
 
-    def op_digest(self, command: dict) -> dict:
+    def op_digest(self, command: _Json) -> _Json:
         return {"digest": {c.table: [c.rows, c.sha256] for c in table_checksums(self.db)}}
 
-    def op_stats(self, command: dict) -> dict:
+    def op_stats(self, command: _Json) -> _Json:
         totals = dict(self.earlier)
         for owner in (self.server, self.client):
             if owner is not None:
@@ -214,7 +222,7 @@ class _ReplicaLoop:
                 totals["applied"] += owner.stats.changes_applied
         return {**totals, "db_version": self.db.db_version}
 
-    def op_quit(self, command: dict) -> dict:
+    def op_quit(self, command: _Json) -> _Json:
         reply = self.op_stats(command)
         self.close()
         return reply
@@ -252,26 +260,31 @@ class _Replica:
         if serve:
             argv.append("--serve")
         if url:
-            argv += ["--connect", url, "--server-key", server_key]
+            argv += ["--connect", url]
+        if server_key:
+            argv += ["--server-key", server_key]
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
             cwd=Path(__file__).resolve().parent.parent,
         )
-        self._replies: queue.Queue = queue.Queue()
+        assert self.process.stdin is not None and self.process.stdout is not None  # both are pipes
+        self._stdin: IO[str] = self.process.stdin
+        self._stdout: IO[str] = self.process.stdout
+        self._replies: queue.Queue[_Json | None] = queue.Queue()
         threading.Thread(target=self._read, name=f"demo-{name}-stdout", daemon=True).start()
         self.info = self.reply()
 
     def _read(self) -> None:
-        for line in self.process.stdout:
+        for line in self._stdout:
             self._replies.put(json.loads(line))
         self._replies.put(None)
 
     def send(self, op: str, **fields: Any) -> None:
-        self.process.stdin.write(json.dumps({"op": op, **fields}) + "\n")
-        self.process.stdin.flush()
+        self._stdin.write(json.dumps({"op": op, **fields}) + "\n")
+        self._stdin.flush()
 
-    def reply(self, timeout: float = REPLY_TIMEOUT_S) -> dict:
+    def reply(self, timeout: float = REPLY_TIMEOUT_S) -> _Json:
         """The next answer of this replica.
 
         Raises:
@@ -287,7 +300,7 @@ class _Replica:
             raise RuntimeError(f"replica {self.name}: {answer['error']} (see {self.log_path})")
         return answer
 
-    def call(self, op: str, **fields: Any) -> dict:
+    def call(self, op: str, **fields: Any) -> _Json:
         self.send(op, **fields)
         return self.reply()
 
@@ -301,7 +314,7 @@ class _Replica:
         """Ask nicely (`quit` was sent by the caller, or end of input); kill after a grace period."""
         if self.process.poll() is None:
             try:
-                self.process.stdin.close()
+                self._stdin.close()
             except OSError:
                 pass
             try:
@@ -390,14 +403,18 @@ def _stranger_is_refused(data_dir: Path, url: str, hub_key: str, tls: _DemoTls) 
         except UnknownPeerError as refused:
             if any(table.rows for table in table_checksums(db)):
                 raise RuntimeError("the stranger was refused but received data") from refused
-            return f"{type(refused).__name__}: {refused.remote_message}"
+            said = refused.remote_message if isinstance(refused, PeerRefusedError) else str(refused)
+            return f"{type(refused).__name__}: {said}"
     raise RuntimeError("the stranger was admitted")
 
 
 def run_demo(data_dir: Path) -> bool:
     """The scenario; returns True when the three databases end identical."""
     t0 = time.monotonic()
-    step = lambda text: print(f"[{time.monotonic() - t0:5.1f}s] {text}", flush=True)  # noqa: E731
+
+    def step(text: str) -> None:
+        print(f"[{time.monotonic() - t0:5.1f}s] {text}", flush=True)
+
     tls = _DemoTls(data_dir)
     tls.create()
     hub_key = _introduce(data_dir)

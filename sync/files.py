@@ -26,7 +26,7 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, BinaryIO, Union
+from typing import TYPE_CHECKING, Annotated, BinaryIO, Union
 
 import msgspec
 
@@ -36,7 +36,10 @@ from .changes import INSERT_CHANGES, CrrSchema, Limits, report_merge
 from .outbox import Outbox
 from .watermarks import ensure_tables, received_watermark, store_received
 from .errors import CorruptFileError, SchemaMismatchError, SyncError
-from .protocol import PROTOCOL_VERSION, Changes, SiteHex, parse_site_id
+from .protocol import PROTOCOL_VERSION, ChangeRow, Changes, SiteHex, parse_site_id
+
+if TYPE_CHECKING:
+    from hashlib import _Hash  # the type of hashlib.sha256() (named only in the stubs)
 
 __all__ = ["export_changes", "import_changes", "FileHeader", "FileTrailer", "MAGIC"]
 
@@ -69,7 +72,7 @@ _decoder = msgspec.msgpack.Decoder(Union[FileHeader, Changes, FileTrailer])
 
 def export_changes(
     db: Database,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     for_site: str | None = None,
     *,
     since: int = 0,
@@ -114,7 +117,7 @@ def export_changes(
     return changes
 
 
-def import_changes(db: Database, path: str | os.PathLike) -> int:
+def import_changes(db: Database, path: str | os.PathLike[str]) -> int:
     """Apply an export file to `db` in one transaction; return the number of changes in it.
 
     Raises:
@@ -141,14 +144,14 @@ def import_changes(db: Database, path: str | os.PathLike) -> int:
     return trailer.changes
 
 
-def _foreign(rows: list, own_site: bytes) -> list:
+def _foreign(rows: list[ChangeRow], own_site: bytes) -> list[ChangeRow]:
     """The rows of a page that are not this replica's own changes. A file made for every
     replica (no `for_site`) may hold ours: they are skipped, never merged as if they were
     new local writes (which a forged one would be)."""
     return [row for row in rows if row[6] != own_site]
 
 
-def _write_frame(out: BinaryIO, digest, message: msgspec.Struct) -> None:
+def _write_frame(out: BinaryIO, digest: _Hash | None, message: msgspec.Struct) -> None:
     data = _encoder.encode(message)
     frame = _LENGTH.pack(len(data)) + data
     out.write(frame)
@@ -156,7 +159,9 @@ def _write_frame(out: BinaryIO, digest, message: msgspec.Struct) -> None:
         digest.update(frame)
 
 
-def _frames(src: BinaryIO, path: str, digest, max_frame: int = Limits().max_message_bytes) -> Iterator:
+def _frames(
+    src: BinaryIO, path: str, digest: _Hash, max_frame: int = Limits().max_message_bytes
+) -> Iterator[FileHeader | Changes | FileTrailer]:
     """Decoded frames after the magic; the trailer is yielded last and not hashed.
 
     Raises:

@@ -28,7 +28,7 @@ Errors (sync.errors): `AuthError` (token, no key), `UnknownPeerError`, `Untruste
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from .challenge import ServerChallenge, answer_challenge, check_key, check_nonce, new_nonce
 from .errors import AuthError, MalformedChallengeError, UnknownPeerError, UntrustedServerError
@@ -40,6 +40,13 @@ if TYPE_CHECKING:
     from .peer import Peer
 
 __all__ = ["ServerHandshake", "ClientHandshake"]
+
+
+class _KeyFields(TypedDict, total=False):
+    """The Hello fields a client adds for key authentication (see `ClientHandshake.hello_fields`)."""
+
+    key: bytes
+    nonce: bytes | None
 
 
 class ServerHandshake:
@@ -133,7 +140,7 @@ class ClientHandshake:
         self.peer_key: bytes | None = None  # the key the server proved
         self.verified = False
 
-    def hello_fields(self) -> dict:
+    def hello_fields(self) -> _KeyFields:
         """The key and nonce for the client's Hello ({} without key authentication)."""
         if not self.enabled:
             return {}
@@ -148,7 +155,7 @@ class ClientHandshake:
             ReplayError: the server's nonce was used before.
             BadSignatureError: the server's signature does not verify for this session.
         """
-        if not self.enabled or self.verified:
+        if not self.enabled or self.nonce is None or self.verified:  # nonce is None exactly when not enabled
             raise MalformedChallengeError("the server sent a challenge this client did not ask for")
         key = check_key(challenge.key, "server's public key")
         self._check_expected(key)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import Literal, overload
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -165,6 +166,14 @@ def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> None:
         raise BadSignatureError(
             f"the signature does not verify with {format_public_key(public_key)}"
         ) from None
+
+
+@overload
+def load_identity(db: Database, *, create: Literal[True] = True) -> Identity: ...
+
+
+@overload
+def load_identity(db: Database, *, create: bool) -> Identity | None: ...
 
 
 def load_identity(db: Database, *, create: bool = True) -> Identity | None:

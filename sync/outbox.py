@@ -38,6 +38,8 @@ _ALL_BUT_RECEIVER = "site_id IS NOT ?"  # a peer gets everything but its own cha
 _OWN_ONLY = "site_id = ?"  # a broadcast stream gets only the changes this replica originated
 
 _temp_names = itertools.count(1)
+_SNAPSHOT_COLUMNS = ('"table" TEXT, pk BLOB, cid TEXT, val, col_version INTEGER, db_version INTEGER, '
+                     "site_id BLOB, cl INTEGER, seq INTEGER")
 
 
 class EchoRanges:
@@ -140,7 +142,11 @@ class _Stream:
             stream = cls(db, lease, session, snap)
             stream._table = f"__sync_out_{next(_temp_names)}"
             sql, params = query(after, snap)
-            s.execute(f'CREATE TEMP TABLE "{stream._table}" AS {sql}', params)
+            # Declared columns, `val` without a type (no affinity): `CREATE TABLE ... AS SELECT`
+            # would give it NUMERIC affinity (crsql_changes declares it ANY), turning the text
+            # '00' into the integer 0 — a different value on the receiver.
+            s.execute(f'CREATE TEMP TABLE "{stream._table}" ({_SNAPSHOT_COLUMNS})')
+            s.execute(f'INSERT INTO temp."{stream._table}" {sql}', params)
         stream._rows = stream._table_rows()
         return stream, snap
 

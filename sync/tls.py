@@ -32,7 +32,7 @@ __all__ = ["server_context", "client_context", "channel_binding", "prepare_serve
 log = logging.getLogger("sync.tls")
 
 
-def server_context(certfile: str | os.PathLike, keyfile: str | os.PathLike, *, password: str | None = None) -> ssl.SSLContext:
+def server_context(certfile: str | os.PathLike[str], keyfile: str | os.PathLike[str], *, password: str | None = None) -> ssl.SSLContext:
     """A server-side context (TLS 1.2 or newer) with the certificate chain and its private key.
 
     Raises:
@@ -48,7 +48,7 @@ def server_context(certfile: str | os.PathLike, keyfile: str | os.PathLike, *, p
     return context
 
 
-def client_context(cafile: str | os.PathLike | None = None, *, verify: bool = True) -> ssl.SSLContext:
+def client_context(cafile: str | os.PathLike[str] | None = None, *, verify: bool = True) -> ssl.SSLContext:
     """A client-side context (TLS 1.2 or newer).
 
     `cafile`: trust the certificates in this PEM file (a self-signed server certificate pins
@@ -122,8 +122,8 @@ def prepare_server_context(context: ssl.SSLContext) -> ssl.SSLContext:
 
 
 def write_self_signed(
-    certfile: str | os.PathLike,
-    keyfile: str | os.PathLike,
+    certfile: str | os.PathLike[str],
+    keyfile: str | os.PathLike[str],
     *,
     hosts: Iterable[str] = ("localhost", "127.0.0.1", "::1"),
     days: int = 365,

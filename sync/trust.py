@@ -24,7 +24,7 @@ from enum import Enum
 
 import msgspec
 
-from engine.database import Database
+from engine.database import Database, Row
 
 from .errors import NotAuthorizedError
 from .identity import format_public_key, parse_public_key
@@ -84,7 +84,7 @@ def _has_table(db: Database) -> bool:
         return bool(session.scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '__sync_trust'"))
 
 
-def _entry(row: tuple) -> TrustEntry:
+def _entry(row: Row) -> TrustEntry:
     public_key, name, can, tables, added_at = row
     return TrustEntry(public_key, name, Grant(can), tuple(json.loads(tables)) if tables else (), added_at)
 

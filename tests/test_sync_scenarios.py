@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from sync import DuplicateSiteError, Peer
+from engine import Database
+from sync import DuplicateSiteError, Peer, export_changes, import_changes
 from sync.changes import Limits
 from sync.watermarks import watermarks
 from sync.testing import Disconnect, assert_converged, rows
@@ -227,3 +228,32 @@ def test_a_replica_restored_from_an_older_backup_is_refused_until_cloned(open_db
     with b.reading() as s:
         sites = {row[0].hex() for row in s.execute("SELECT site_id FROM crsql_changes")}
     assert sites == {a.site_id}  # the clone's inherited changes keep their origin
+
+
+NUMBER_LIKE_TEXTS = ["00", "0", "1e3", " 5", "0x10", "-0", "1.50", "9223372036854775808", "+7"]
+
+
+@pytest.mark.parametrize("path", ["file", ":memory:"])
+@pytest.mark.parametrize("page_changes", [10_000, 8], ids=["one-page", "in-parts"])
+def test_text_that_looks_like_a_number_crosses_unchanged(open_db, tmp_path, path, page_changes):
+    """Found by the property test: a group sent in parts from a snapshot table declared by
+    `CREATE TABLE AS SELECT` gave `val` NUMERIC affinity, and '00' arrived as '0'."""
+    a = open_db("a") if path == "file" else Database.open(":memory:")
+    b = open_db("b")
+    try:
+        with a.transaction() as tx:
+            for i, text in enumerate(NUMBER_LIKE_TEXTS):
+                tx.execute("INSERT INTO topics (id, workflow_id, name) VALUES (?, 'wf', ?)", (f"t{i}", text))
+        limits = Limits(page_changes=page_changes)
+        Peer(b, limits=limits).sync_with(Peer(a, limits=limits))
+        with b.reading() as s:
+            got = s.execute("SELECT name, typeof(name) FROM topics ORDER BY id")
+        assert sorted(got) == sorted((text, "text") for text in NUMBER_LIKE_TEXTS)
+        export_to = tmp_path / f"{path.strip(':')}-{page_changes}.bin"
+        c = open_db(f"c-{path.strip(':')}-{page_changes}")
+        export_changes(a, export_to, limits=limits)
+        import_changes(c, export_to)
+        assert state(c) == state(b)
+    finally:
+        if path != "file":
+            a.close()

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.clock import Clock, ManualClock
-from engine.database import Database, close_connection, connect
+from engine.database import Database, Row, close_connection, connect
 from engine.migrations import DEFAULT_MIGRATIONS_DIR
 from sync.changes import Limits
 from sync.errors import InvalidChangeError, MessageTooLargeError, ProtocolError, TransportError
@@ -60,9 +60,9 @@ class NotQuiescentError(AssertionError):
 SITE_SLOTS = 16
 """Site ids a cluster draws its replicas' from (more when a cluster has more replicas)."""
 
-_templates: dict[tuple, Path] = {}
+_templates: dict[tuple[Any, ...], Path] = {}
 _templates_lock = threading.Lock()
-_template_dir: tempfile.TemporaryDirectory | None = None
+_template_dir: tempfile.TemporaryDirectory[str] | None = None
 
 
 def _template(folder: Path, extension: str | None, clock: Clock, slot: int) -> Path:
@@ -104,7 +104,7 @@ def _site_id(slot: int) -> bytes:
 
 
 def _describe_op(op: Any) -> str:
-    name = getattr(op, "__qualname__", None)
+    name: str | None = getattr(op, "__qualname__", None)
     if name is not None and not isinstance(op, type) and hasattr(op, "__code__"):
         return name  # a function: its name reads better than its repr
     return repr(op)
@@ -268,12 +268,12 @@ class Cluster:
         """Add a line of your own to the schedule."""
         self._record(f"note: {text}")
 
-    def query(self, index: int, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+    def query(self, index: int, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """Rows of a read-only query on replica `index` (not recorded)."""
         with self.replica(index).reading() as s:
             return s.execute(sql, tuple(params))
 
-    def state(self, index: int, tables: Sequence[str] | None = None) -> dict[str, list[tuple]]:
+    def state(self, index: int, tables: Sequence[str] | None = None) -> dict[str, list[Row]]:
         """Every CRR table of replica `index` (or only `tables`): rows ordered by primary key."""
         return rows(self.replica(index), tables)
 

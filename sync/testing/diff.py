@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from engine.database import Database
+from engine.database import Database, Row
 from engine.migrations import crr_tables
 
 __all__ = [
@@ -40,7 +40,7 @@ MISSING: Any = _Missing()
 _TYPE_RANK = {type(None): 0, int: 1, float: 1, str: 2, bytes: 3}
 
 
-def sort_key(key: tuple) -> tuple:
+def sort_key(key: tuple[Any, ...]) -> tuple[tuple[int, Any], ...]:
     """SQLite's order for primary-key values of mixed types (NULL < numbers < text < blob)."""
     return tuple((_TYPE_RANK.get(type(v), 4), v) for v in key)
 
@@ -54,7 +54,7 @@ class TableState(msgspec.Struct):
 
     columns: list[str]
     pk: list[str]
-    rows: dict[tuple, tuple]
+    rows: dict[tuple[Any, ...], Row]
 
 
 def snapshot(db: Database, tables: Sequence[str] | None = None) -> dict[str, TableState]:
@@ -71,7 +71,7 @@ def snapshot(db: Database, tables: Sequence[str] | None = None) -> dict[str, Tab
     return state
 
 
-def rows(db: Database, tables: Sequence[str] | None = None) -> dict[str, list[tuple]]:
+def rows(db: Database, tables: Sequence[str] | None = None) -> dict[str, list[Row]]:
     """Every CRR table of `db` (or only `tables`): its rows, ordered by primary key."""
     return {table: [ts.rows[key] for key in sorted(ts.rows, key=sort_key)]
             for table, ts in snapshot(db, tables).items()}
@@ -159,7 +159,7 @@ def _same_row(a: Any, b: Any) -> bool:
     return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
 
 
-def _row_difference(table: str, state: TableState, key: tuple, rows: list, replicas: Sequence[int]) -> Difference:
+def _row_difference(table: str, state: TableState, key: tuple[Any, ...], rows: list[Any], replicas: Sequence[int]) -> Difference:
     pk = dict(zip(state.pk, key))
     if any(row is MISSING for row in rows):
         return Difference(table, list(replicas), pk, None, rows)

@@ -443,5 +443,6 @@ class Link:
 
 
 def _pages(messages: list[Sent], sender: int | None) -> list[Changes]:
-    return [decode(m.data) for m in messages
-            if m.kind == "changes" and m.delivered and (sender is None or m.sender == sender)]
+    decoded = (decode(m.data) for m in messages
+               if m.kind == "changes" and m.delivered and (sender is None or m.sender == sender))
+    return [page for page in decoded if isinstance(page, Changes)]  # kind "changes" is always a page

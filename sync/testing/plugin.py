@@ -21,9 +21,9 @@ test opened itself (with Hypothesis: the final, shrunk example).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import pytest
 
@@ -78,13 +78,19 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 # -- fixtures --------------------------------------------------------------------------
 
 
-class ReplicaView(Sequence):
+class ReplicaView(Sequence[Database]):
     """The cluster's Databases, looked up on every access (so `restart` is followed)."""
 
     def __init__(self, owner: Cluster):
         self.cluster = owner
 
-    def __getitem__(self, index: Any) -> Any:
+    @overload
+    def __getitem__(self, index: int) -> Database: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Database]: ...
+
+    def __getitem__(self, index: int | slice) -> Database | list[Database]:
         if isinstance(index, slice):
             return [self.cluster.replica(i) for i in range(self.cluster.n)[index]]
         return self.cluster.replica(index)
@@ -152,7 +158,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed and not item.stash.get(_REPORTED, False):
         text = _failure_text(item)

@@ -31,6 +31,8 @@ from engine.database import Database
 from .network import Delay, Disconnect, Drop, Duplicate, MessageFault, Reorder
 
 if TYPE_CHECKING:
+    from hypothesis.strategies import SearchStrategy
+
     from .cluster import Cluster
 
 __all__ = [
@@ -53,7 +55,7 @@ class Sql(msgspec.Struct, frozen=True, repr_omit_defaults=True):
     """An operation: one SQL statement with its parameters, in its own transaction."""
 
     sql: str
-    params: tuple = ()
+    params: tuple[Any, ...] = ()
 
     def __call__(self, db: Database) -> None:
         with db.transaction() as tx:
@@ -159,8 +161,10 @@ def run_schedule(cluster: "Cluster", schedule: Sequence[Step], *,
 
 
 def _indices(step: Step) -> list[int]:
-    if isinstance(step, (Op, Restart)) or (isinstance(step, Advance) and step.replica is not None):
+    if isinstance(step, (Op, Restart)):
         return [step.replica]
+    if isinstance(step, Advance):
+        return [] if step.replica is None else [step.replica]
     if isinstance(step, Sync):
         return [step.a, step.b]
     if isinstance(step, Partition):
@@ -171,7 +175,7 @@ def _indices(step: Step) -> list[int]:
 # -- Hypothesis strategies (hypothesis is imported only when they are used) ---------------
 
 
-def sql_op(statement: str, *params: Any):
+def sql_op(statement: str, *params: SearchStrategy[Any]) -> SearchStrategy[Sql]:
     """A strategy of `Sql(statement, params)`, one strategy per `?` parameter.
 
         sql_op("UPDATE notes SET body = ? WHERE id = ?", st.text(max_size=3), st.sampled_from(IDS))
@@ -183,7 +187,7 @@ def sql_op(statement: str, *params: Any):
 
 def schedules(operations: Any, n_replicas: int = 3, *, min_steps: int = 1, max_steps: int = 25,
               faults: bool = True, partitions: bool = True, restarts: bool = True,
-              sync_all: bool = True, clock: bool = True, max_message: int = 12):
+              sync_all: bool = True, clock: bool = True, max_message: int = 12) -> SearchStrategy[list[Step]]:
     """A Hypothesis strategy of schedules: lists of steps that apply your `operations` on
     random replicas, interleaved with syncs (some with message faults), partitions, heals,
     restarts and clock moves.
@@ -209,13 +213,13 @@ def schedules(operations: Any, n_replicas: int = 3, *, min_steps: int = 1, max_s
     ops = st.one_of(*operations) if isinstance(operations, (list, tuple)) else operations
     replica = st.integers(0, n_replicas - 1)
     # (weight, strategy): operations and syncs are the substance of a schedule
-    kinds = [(3, st.builds(Op, replica, ops))]
+    kinds: list[tuple[int, SearchStrategy[Step]]] = [(3, st.builds(Op, replica, ops))]
     if n_replicas > 1:
-        kinds.append((2, _syncs(st, n_replicas, faults, max_message)))
+        kinds.append((2, _syncs(n_replicas, faults, max_message)))
         if sync_all:
             kinds.append((1, st.just(SyncAll())))
         if partitions:
-            kinds += [(1, _partitions(st, n_replicas)), (1, st.just(Heal()))]
+            kinds += [(1, _partitions(n_replicas)), (1, st.just(Heal()))]
     if restarts:
         kinds.append((1, st.builds(Restart, replica)))
     if clock:
@@ -227,7 +231,9 @@ def schedules(operations: Any, n_replicas: int = 3, *, min_steps: int = 1, max_s
     return st.lists(step, min_size=min_steps, max_size=max_steps)
 
 
-def _syncs(st: Any, n: int, faults: bool, max_message: int):
+def _syncs(n: int, faults: bool, max_message: int) -> SearchStrategy[Sync]:
+    from hypothesis import strategies as st
+
     pairs = st.tuples(st.integers(0, n - 1), st.integers(0, n - 2)).map(
         lambda p: (p[0], p[1] + (p[1] >= p[0])))  # b != a, and shrinks towards (0, 1)
     if not faults:
@@ -244,8 +250,9 @@ def _syncs(st: Any, n: int, faults: bool, max_message: int):
     return st.builds(lambda p, f: Sync(p[0], p[1], f), pairs, fault_lists)
 
 
-def _partitions(st: Any, n: int):
+def _partitions(n: int) -> SearchStrategy[Partition]:
     """Each replica gets a group label; shrinks towards one group (no split)."""
+    from hypothesis import strategies as st
 
     def groups(labels: list[int]) -> Partition:
         found: dict[int, list[int]] = {}

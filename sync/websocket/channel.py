@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
@@ -126,8 +127,13 @@ def closed_reason(exc: ConnectionClosed | None) -> str:
 
 
 
-_CLOSED = object()  # inbox token: the connection is gone
-_WAKE = object()  # inbox token: look at the wake flag
+class _Token(Enum):
+    """Inbox tokens besides frames."""
+
+    CLOSED = "the connection is gone"
+    WAKE = "look at the wake flag"
+
+
 INBOX_FRAMES = 64  # a well-behaved peer has one page and one ack in flight; this bounds a flood
 
 
@@ -147,7 +153,7 @@ class Channel:
         self.label = label
         self.stats = stats
         self.close_exc: ConnectionClosed | None = None
-        self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_FRAMES)
+        self._inbox: queue.Queue[bytes | _Token] = queue.Queue(maxsize=INBOX_FRAMES)
         self._wake_pending = threading.Event()
         self._counted = (0, 0, 0)
         # sync.hops timing points (only with hops.ENABLED): when the last commit ended, when
@@ -165,7 +171,7 @@ class Channel:
                     self._committed_ns = 0
             self._wake_pending.set()
             try:
-                self._inbox.put_nowait(_WAKE)
+                self._inbox.put_nowait(_Token.WAKE)
             except queue.Full:
                 pass  # the loop checks the flag after every frame it takes out
 
@@ -205,9 +211,9 @@ class Channel:
                             self._send(self.session.release_merge())  # a quiet peer mid-group
                         continue
                     raise timeouts.expired() from None
-                if item is _CLOSED:
+                if item is _Token.CLOSED:
                     break
-                if item is not _WAKE:
+                if item is not _Token.WAKE:
                     timeouts.frame_received()
                     if hops.ENABLED:
                         hops.since("handoff", self._received_ns.popleft())
@@ -273,7 +279,7 @@ class Channel:
             log.exception("%s: reading failed", self.label)
             self.ws.close()
         finally:
-            self._inbox.put(_CLOSED)
+            self._inbox.put(_Token.CLOSED)
 
     def _count(self) -> None:
         """Add the session's progress since the last call to the owner's counters."""
