@@ -28,7 +28,6 @@ something, at most once per checkpoint interval, and when it closes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -39,6 +38,7 @@ from engine.database import Database
 from ..identity import public_key_bytes
 from ..peer import Peer
 from ..watermarks import PeerRecord, peer_record
+from .layout import RunDb
 from .positions import adopt_marks, origin_marks
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 __all__ = ["BootstrapSource", "Checkpoint", "Checkpoints", "read_checkpoint", "bootstrap"]
 
 log = logging.getLogger("sync.nats")
-RunDb = Callable[..., Awaitable[Any]]
 
 
 class BootstrapSource:
@@ -148,4 +147,5 @@ async def _round(db: Database, source: BootstrapSource, run_db: RunDb) -> tuple[
             source.url, token=source.token, server_key=source.server_key, ssl=source.ssl)
         return result.remote_site, peer_record(db, result.remote_site)
 
-    return await run_db(sync_once)
+    pulled: tuple[str, PeerRecord] = await run_db(sync_once)
+    return pulled

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -42,6 +42,7 @@ from ..inbox import ApplyOutcome
 from ..protocol import Changes, decode
 from .bootstrap import BootstrapSource, Checkpoints, bootstrap
 from .layout import (
+    RunDb,
     INCARNATION_HEADER,
     SCHEMA_HEADER,
     NatsOptions,
@@ -57,7 +58,6 @@ from .receiving import Step, StreamInbox
 __all__ = ["Consumer"]
 
 log = logging.getLogger("sync.nats")
-RunDb = Callable[..., Awaitable[Any]]
 _BATCH_MESSAGES = 64  # deliveries merged in one transaction at most
 _BATCH_BYTES = 8 * 1024 * 1024
 
@@ -234,8 +234,9 @@ class Consumer:
                 if index in refused:
                     await self._refuse(msgs[index], steps[index].seq, refused[index])
                     continue
-                if applied.outcomes[index] is not None:
-                    self.on_applied(steps[index].page, applied.outcomes[index])
+                outcome, page = applied.outcomes[index], steps[index].page
+                if outcome is not None and page is not None:
+                    self.on_applied(page, outcome)
                 await self._ack(msgs[index])
             if applied.gap is not None:
                 await self._close_gap(applied.gap)

@@ -26,13 +26,14 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
 
 from ..changes import Limits
 from ..errors import ProtocolError, SyncError
@@ -54,10 +55,14 @@ __all__ = [
     "limits_for",
     "TRANSIENT_ERRORS",
     "retry_transient",
+    "RunDb",
 ]
 
 log = logging.getLogger("sync.nats")
 _T = TypeVar("_T")
+
+RunDb = Callable[..., Awaitable[Any]]
+"""`await run_db(fn, *args)`: run `fn` on the replica's database thread (sync.nats.replica)."""
 
 SCHEMA_HEADER = "Crdt-Schema"
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -160,7 +165,7 @@ async def ensure_stream(js: JetStreamContext, name: str) -> api.StreamInfo:
     return info
 
 
-async def ensure_bucket(js: JetStreamContext, name: str):
+async def ensure_bucket(js: JetStreamContext, name: str) -> KeyValue:
     """The checkpoint bucket of `name` (a JetStream key-value bucket keeping one value per key)."""
     bucket = bucket_name(name)
     try:

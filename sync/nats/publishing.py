@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 import msgspec
 from nats.js import JetStreamContext
@@ -38,6 +37,7 @@ from ..errors import MessageTooLargeError
 from ..outbox import Outbox
 from ..protocol import Changes, encode
 from .layout import (
+    RunDb,
     INCARNATION_HEADER,
     MSG_ID_HEADER,
     SCHEMA_HEADER,
@@ -50,7 +50,6 @@ from .positions import read_positions, store_published
 
 __all__ = ["Publisher", "schema_header"]
 
-RunDb = Callable[..., Awaitable[Any]]
 
 
 def schema_header(db: Database) -> str:
@@ -106,6 +105,7 @@ class Publisher:
 
     async def _publish_pending(self) -> None:
         outbox = self._outbox
+        assert outbox is not None, "run() creates the outbox before publishing"
         while True:
             page = await self.run_db(outbox.next_page, marker=False)
             if page is None or not (page.rows or page.more_parts or page.part):

@@ -178,6 +178,7 @@ class StreamInbox:
     def _track_parts(self, step: Step, outcome: ApplyOutcome) -> None:
         """Remember where the group being received in parts started, so that reading resumes there."""
         page = step.page
+        assert page is not None  # only pages are merged
         if page.more_parts and page.part == 0 and outcome.fresh:
             self._parts_from[step.origin] = step.seq
         elif not page.more_parts and outcome.fresh:

@@ -42,7 +42,16 @@ from ..websocket import TransportStats
 from . import positions
 from .bootstrap import BootstrapSource, Checkpoints, read_checkpoint
 from .consuming import Consumer
-from .layout import TRANSIENT_ERRORS, NatsOptions, check_name, ensure_bucket, ensure_stream, limits_for, stream_name
+from .layout import (
+    TRANSIENT_ERRORS,
+    NatsOptions,
+    RunDb,
+    check_name,
+    ensure_bucket,
+    ensure_stream,
+    limits_for,
+    stream_name,
+)
 from .publishing import Publisher
 from .receiving import StreamInbox
 
@@ -95,7 +104,7 @@ class NatsReplica:
         self._lock = threading.Lock()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
+        self._stopping = asyncio.Event()  # set from close(), through the loop; bound to it on first use
         self._publisher: Publisher | None = None
         self._consumer: Consumer | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -129,6 +138,7 @@ class NatsReplica:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._live.is_set():
             if self._failed.is_set():
+                assert self.error is not None  # set before the replica is marked failed
                 raise self.error
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -146,10 +156,10 @@ class NatsReplica:
             if self._closed:
                 return
             self._closed = True
-        loop, stopping = self._loop, self._stopping
-        if loop is not None and stopping is not None:
+        loop = self._loop
+        if loop is not None:
             try:
-                loop.call_soon_threadsafe(stopping.set)
+                loop.call_soon_threadsafe(self._stopping.set)
             except RuntimeError:  # the loop already ended (a permanent failure)
                 pass
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -184,7 +194,6 @@ class NatsReplica:
         asyncio.set_event_loop(loop)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-nats-db")
         try:
-            self._stopping = asyncio.Event()
             self._loop = loop
             if self._closed:
                 return
@@ -202,7 +211,7 @@ class NatsReplica:
     async def _supervise(self, executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
 
-        def run_db(fn, *args, **kwargs):
+        def run_db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
             return loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
         delay = self.options.reconnect_wait
@@ -233,7 +242,7 @@ class NatsReplica:
             except asyncio.TimeoutError:
                 delay = min(delay * 2, _BACKOFF_CAP)
 
-    async def _run_connected(self, run_db) -> None:
+    async def _run_connected(self, run_db: RunDb) -> None:
         """One connection's life, until closed or failed.
 
         Raises:
@@ -244,7 +253,7 @@ class NatsReplica:
         if nc is None:
             return
         self.counts["connections"] += 1
-        tasks: list[asyncio.Task] = []
+        tasks: list[asyncio.Task[Any]] = []
         inbox = publisher = checkpoints = None
         try:
             js = nc.jetstream(timeout=self.options.api_timeout)
@@ -323,7 +332,7 @@ class NatsReplica:
             self.error = None
             self._live.set()
 
-    async def _write_checkpoints(self, inbox: StreamInbox, checkpoints: Checkpoints, run_db) -> None:
+    async def _write_checkpoints(self, inbox: StreamInbox, checkpoints: Checkpoints, run_db: RunDb) -> None:
         """Write our checkpoint at start and after merges (at most once per interval); store
         the resume point that skipped messages moved."""
         inbox.progressed = True
@@ -339,7 +348,7 @@ class NatsReplica:
             await run_db(inbox.flush)
             await asyncio.sleep(self.options.checkpoint_interval)
 
-    async def _wind_down(self, nc: Any, run_db, inbox: StreamInbox | None, publisher: Publisher | None,
+    async def _wind_down(self, nc: Any, run_db: RunDb, inbox: StreamInbox | None, publisher: Publisher | None,
                          checkpoints: Checkpoints | None) -> None:
         """Store positions, write a last checkpoint (best effort), close the connection."""
         try:
@@ -369,7 +378,7 @@ class NatsReplica:
             self.stats.add(received=len(page.rows), applied=outcome.impacted)
 
 
-async def _cancel(tasks: list[asyncio.Task], patience: float = 10.0) -> None:
+async def _cancel(tasks: list[asyncio.Task[Any]], patience: float = 10.0) -> None:
     """Cancel `tasks` and wait for them to end, cancelling again while they run: Python 3.11's
     wait_for and timeout can swallow a cancellation that races a result (the client library
     uses them), so one cancel() is not always enough. Gives up after `patience` seconds."""

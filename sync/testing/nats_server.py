@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import IO
 
 __all__ = ["LocalNatsServer", "find_nats_server", "free_port"]
 
@@ -34,7 +35,8 @@ def find_nats_server() -> str | None:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class LocalNatsServer:
@@ -55,8 +57,8 @@ class LocalNatsServer:
         if max_payload is not None:
             lines.append(f"max_payload: {max_payload}")
         self.config_path.write_text("\n".join(lines) + "\n")
-        self._process: subprocess.Popen | None = None
-        self._log = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[str] | None = None
 
     @property
     def url(self) -> str:
