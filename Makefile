@@ -6,9 +6,9 @@ EXT := extensions/crsqlite.so
 
 .PHONY: test demo bench extension venv wheel typecheck nats-server clean
 
-# engine/ is kept clean under mypy --strict: `make test` checks it before the tests run.
+# engine/ and sync/ are kept clean under mypy --strict: `make test` checks them before the tests run.
 test: extension venv nats-server
-	$(PY) -m mypy --strict engine
+	$(PY) -m mypy --strict engine sync
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: extension venv
@@ -25,7 +25,7 @@ wheel: extension venv
 	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
 	@ls dist/*.whl
 
-# make typecheck: mypy --strict over both packages (`make test` enforces it on engine/ only, so far).
+# make typecheck: mypy --strict over both packages (what `make test` runs first).
 typecheck: venv
 	$(PY) -m mypy --strict engine sync
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import msgspec
 
-from engine.database import Database, Session as Tx
+from engine.database import Database, Row, Session as Tx
 from engine.errors import MergeListenerError
 from engine.migrations import crr_tables
 
@@ -64,7 +65,7 @@ class Limits(msgspec.Struct, frozen=True):
 
 
 
-def unpack_pk(blob: bytes) -> tuple:
+def unpack_pk(blob: bytes) -> tuple[Any, ...]:
     """The primary-key values packed in a change's `pk`, read exactly as cr-sqlite's
     `crsql_unpack_columns` does (a column count, then per column a type byte whose low 3
     bits are the type and high 5 bits the byte length of the following integer/length).
@@ -125,7 +126,7 @@ class CrrSchema:
                 columns[table] = (cids, sum(1 for row in info if row[5]))
         return cls(columns, bytes.fromhex(db.site_id))
 
-    def validate(self, rows: Sequence[tuple], since: int = 0, upto: int | None = None) -> None:
+    def validate(self, rows: Sequence[Row], since: int = 0, upto: int | None = None) -> None:
         """Check every change of a page before any is applied.
 
         Raises:
@@ -158,7 +159,7 @@ class CrrSchema:
         for table, pk in keys:
             self._check_pk(table, pk)
 
-    def _check_columns(self, pairs: set) -> None:
+    def _check_columns(self, pairs: set[tuple[str, str]]) -> None:
         bad = pairs - self._pairs
         if bad:
             table, cid = min(bad, key=repr)
@@ -166,7 +167,7 @@ class CrrSchema:
                 raise InvalidChangeError(f"change for unknown table {table!r} (not a CRR here)", table=table)
             raise InvalidChangeError(f"change for unknown column {table}.{cid}", table=table, column=cid)
 
-    def _check_clocks(self, rows: Sequence[tuple]) -> set:
+    def _check_clocks(self, rows: Sequence[Row]) -> set[int]:
         """Site ids and clock values (see the module doc for why each bound); returns the
         page's db_versions."""
         sites = {r[6] for r in rows}
@@ -176,7 +177,7 @@ class CrrSchema:
                 "a replica its own changes (forged, or a copy of this database file)", column="site_id")
         if any(s.__class__ is not bytes or len(s) != 16 for s in sites):
             raise InvalidChangeError("change with a site id that is not 16 bytes", column="site_id")
-        versions: set = set()
+        versions: set[int] = set()
         for index, name, low in ((4, "col_version", 1), (7, "cl", 1), (5, "db_version", 1), (8, "seq", 0)):
             values = {r[index] for r in rows}
             if any(v.__class__ is not int for v in values):

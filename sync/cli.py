@@ -305,8 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Anything else is a bug and keeps its traceback.
     """
     args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return args.handler(args)
+        return handler(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

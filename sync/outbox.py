@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from engine.database import Database
+from engine.database import Database, Row
 
 from .changes import CHANGE_COLUMNS, Limits
 from .protocol import Changes, site_bytes
@@ -64,9 +64,10 @@ class EchoRanges:
         self.ranges.append([low, high])
         del self.ranges[:-self.LIMIT]
 
-    def clause(self, after: int, own: bytes) -> tuple[str, tuple]:
+    def clause(self, after: int, own: bytes) -> tuple[str, tuple[int | bytes, ...]]:
         """A WHERE clause (and its parameters) leaving out the echoes above version `after`."""
-        sql, params = "", ()
+        sql = ""
+        params: tuple[int | bytes, ...] = ()
         for low, high in self.ranges:
             if high > after:
                 sql += " AND NOT (db_version > ? AND db_version <= ? AND site_id IS NOT ?)"
@@ -74,7 +75,7 @@ class EchoRanges:
         return sql, params
 
 
-def _row_size(row: tuple) -> int:
+def _row_size(row: Row) -> int:
     value = row[3]
     size = len(value) if value.__class__ in (str, bytes) else 9
     return size + len(row[0]) + len(row[1]) + len(row[2]) + 48
@@ -354,7 +355,7 @@ class Outbox:
     def _since(self) -> int:
         return max(self.acked, self.produced)
 
-    def _page(self, rows: list[tuple], upto: int, *, caught_up: bool = False) -> Changes:
+    def _page(self, rows: list[Row], upto: int, *, caught_up: bool = False) -> Changes:
         page = Changes(since=self._since(), upto=upto, rows=rows, caught_up=caught_up)
         self.sent_upto = max(self.sent_upto, upto)
         self.produced = max(self.produced, upto)

@@ -235,7 +235,8 @@ def decode(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
             f"unsupported protocol version {head.v}; this peer speaks version {PROTOCOL_VERSION}"
         )
     try:
-        return _body_decoder.decode(head.body)
+        message: Message = _body_decoder.decode(head.body)
+        return message
     except (msgspec.DecodeError, ValueError) as error:
         raise ProtocolError(f"malformed message: {error}") from error
 

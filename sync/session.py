@@ -279,7 +279,7 @@ class Session:
         self._closed = True
         if self._unrecorded is not None:
             try:
-                record_ack(self.db, self.remote.site_id, *self._unrecorded, self.remote.incarnation)
+                record_ack(self.db, self._hello_in.site_id, *self._unrecorded, self._hello_in.incarnation)
             except (apsw.Error, EngineError) as error:  # a closed database: a re-read next time, no more
                 log.debug("sync session %s: close: acks not recorded: %s", self._name(), error)
         for part in (self._outbox, self._inbox):
@@ -368,7 +368,7 @@ class Session:
                 self._recv_done = True  # a reader pushes nothing; its round ends with our stream
             can = grant.can.value if grant is not None else ""
             return [self._encode(self._hello(watermark=held.received, seen=held.incarnation, live=hello.live, can=can))]
-        if self._verification.verified:
+        if self._verification.verified and self._verification.peer_key is not None:
             self.result.remote_key = format_public_key(self._verification.peer_key)
         self.result.read_only = hello.can == Grant.READ.value
         if hello.watermark is None:
@@ -412,7 +412,7 @@ class Session:
     def _on_pull(self, pull: Pull) -> list[bytes]:
         self._check_continues(pull.seen_incarnation, pull.since)
         self._push_span(pull.since)
-        self._outbox = Outbox(self.db, self.remote.site_id, pull.since, self.limits, self._inbox.echo)
+        self._outbox = self._new_outbox(pull.since)
         self._may_send = True
         return self._pump()
 
@@ -421,7 +421,7 @@ class Session:
             raise ProtocolError("changes after the server's stream ended")
         if self.role is Role.SERVER and self._admission.grant is not None:
             authorize_write(self._admission.grant, {row[0] for row in page.rows})  # before anything is applied
-        outcome = self._inbox.apply(page)
+        outcome = self._inbox_ready.apply(page)
         if outcome.fresh:
             if not page.more_parts:
                 self.result.pulled_upto = max(self.result.pulled_upto, page.upto)
@@ -436,7 +436,7 @@ class Session:
             if self.role is Role.CLIENT and self.result.read_only:
                 self._send_done = True  # the server would refuse our pages: nothing to push
             elif self.role is Role.CLIENT:
-                self._outbox = Outbox(self.db, self.remote.site_id, self._push_since, self.limits, self._inbox.echo)
+                self._outbox = self._new_outbox(self._push_since)
                 self._may_send = True
                 out += self._pump()
         self._update_state()
@@ -460,7 +460,7 @@ class Session:
                 self._send_done = self._send_done or done.caught_up
             self.result.pushed += len(done.rows)
         self._report()
-        self._outbox.acknowledged(ack.watermark)
+        self._outbox_ready.acknowledged(ack.watermark)
         if not page.more_parts:
             self._record_ack(ack.watermark, ack.covered)
         out = self._pump() if self._sending_allowed() else []
@@ -481,7 +481,7 @@ class Session:
             self._acks_unrecorded += 1
             return
         self._unrecorded, self._acks_unrecorded = None, 0
-        record_ack(self.db, self.remote.site_id, acked, covered, self.remote.incarnation)
+        record_ack(self.db, self._hello_in.site_id, acked, covered, self._hello_in.incarnation)
 
     def _acked_pages(self, ack: Ack) -> list[Changes]:
         """The pages in flight this ack acknowledges: the one it names and every one sent
@@ -490,6 +490,31 @@ class Session:
             if (page.upto, page.part) == (ack.upto, ack.part):
                 return list(itertools.islice(self._in_flight, index + 1))
         return []
+
+    # -- parts that exist once the handshake is done (every later message needs them) ----
+
+    @property
+    def _hello_in(self) -> Hello:
+        if self.remote is None:
+            raise ProtocolError("no hello received yet")
+        return self.remote
+
+    @property
+    def _inbox_ready(self) -> Inbox:
+        if self._inbox is None:
+            raise ProtocolError("no hello received yet")
+        return self._inbox
+
+    @property
+    def _outbox_ready(self) -> Outbox:
+        if self._outbox is None:
+            raise ProtocolError(f"nothing was sent in state {self.state.value}")
+        return self._outbox
+
+    def _new_outbox(self, since: int | None) -> Outbox:
+        if since is None:
+            raise ProtocolError("the peer's watermark for this replica is unknown")
+        return Outbox(self.db, self._hello_in.site_id, since, self.limits, self._inbox_ready.echo)
 
     # -- sending -------------------------------------------------------------------------
 
