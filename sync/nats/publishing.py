@@ -3,7 +3,7 @@
 Only the changes this replica originated are published (`Outbox.own_changes`): what it merged
 from others was published by their origins, so nothing travels twice and nothing loops. Pages
 are whole db_version groups (transaction atomicity crosses the stream); a group larger than a
-message goes as parts that receivers stage and merge at once.
+message goes as parts that receivers hold and merge at once.
 
 A page counts as published when the server acknowledges it (a JetStream publish ack: stored in
 the stream). Then `published` moves, in the database, so a restart resumes after it; a crash

@@ -164,12 +164,12 @@ class StreamInbox:
         expected = site_bytes(origin)
         if any(row[6] != expected for row in page.rows):
             raise InvalidChangeError(f"a page on the subject of site {origin} carries changes of another site")
-        staging = origin in self._parts_from
-        if staging and page.part == 0:
+        in_parts = origin in self._parts_from
+        if in_parts and page.part == 0:
             log.info("site %s published anew while parts of a group were held here "
                      "(its publisher restarted?): dropping the held parts", origin)
             self._start_over(origin)
-        elif not staging and page.part > 0:
+        elif not in_parts and page.part > 0:
             self._check_gap(origin, page, starts_group=False)
         if page.part == 0:
             self._check_gap(origin, page, starts_group=True)
