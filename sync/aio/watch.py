@@ -65,6 +65,11 @@ class ChangeBatch(msgspec.Struct, frozen=True):
     upto: int
 
 
+def _end_read(connection: Any) -> None:
+    if connection.in_transaction:
+        connection.execute("COMMIT")
+
+
 class _SpanReader:
     """Reads spans of db_versions on a reader connection it borrows per span. Used through a
     `Lane`: one worker thread at a time."""
@@ -95,6 +100,12 @@ class _SpanReader:
 
     def _open(self, since: int) -> None:
         session = self._borrowed.enter_context(self.db.borrow_reader())
+        connection = session.connection
+        # One read transaction for the span: the bound and the rows come from one snapshot, and
+        # another connection's schema change (a bookkeeping table created meanwhile) cannot
+        # invalidate the open cursor (it did: SchemaChangeError mid-span).
+        connection.execute("BEGIN DEFERRED")
+        self._borrowed.callback(_end_read, connection)  # runs before the reader goes back
         try:
             self._until = session.scalar("SELECT crsql_db_version()")
             self._since = since
