@@ -27,7 +27,7 @@ from ..protocol import MAX_MESSAGE_BYTES
 from ..session import Role
 from ..tls import channel_binding
 from ..websocket.channel import CLOSE_TIMEOUT, TransportStats
-from ..websocket.server import HANDSHAKE_TIMEOUT, remote_address, server_url
+from ..websocket.server import HANDSHAKE_TIMEOUT, check_server_peer, remote_address, server_url
 from .channel import AsyncChannel, Lane
 from .peer import database_of
 
@@ -52,10 +52,7 @@ class AsyncSyncServer:
         max_size: int = MAX_MESSAGE_BYTES,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ):
-        if peer is not None and token is not None and peer.token != token:
-            raise ValueError("serve(): token= differs from peer.token; give the token to the Peer only")
-        if peer is not None and require_keys and not peer.require_keys:
-            raise ValueError("serve(): require_keys=True but the peer does not require keys; set it on the Peer")
+        check_server_peer(peer, token, require_keys)
         self.db = database_of(db)
         self.host = host
         self.port = port  # the bound port once started

@@ -25,6 +25,18 @@ HANDSHAKE_TIMEOUT = 10.0
 """Seconds a connection may take to authenticate (hello, proof) before the server drops it."""
 
 
+def check_server_peer(peer: Peer | None, token: str | None, require_keys: bool) -> None:
+    """`serve()` takes either a `peer` or the options to build one, never both in disagreement.
+
+    Raises:
+        ValueError: `token` or `require_keys` contradict the given peer.
+    """
+    if peer is not None and token is not None and peer.token != token:
+        raise ValueError("serve(): token= differs from peer.token; give the token to the Peer only")
+    if peer is not None and require_keys and not peer.require_keys:
+        raise ValueError("serve(): require_keys=True but the peer does not require keys; set it on the Peer")
+
+
 class SyncServer:
     """A WebSocket sync server in background threads; see `serve`."""
 
@@ -41,10 +53,7 @@ class SyncServer:
         max_size: int = MAX_MESSAGE_BYTES,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ):
-        if peer is not None and token is not None and peer.token != token:
-            raise ValueError("serve(): token= differs from peer.token; give the token to the Peer only")
-        if peer is not None and require_keys and not peer.require_keys:
-            raise ValueError("serve(): require_keys=True but the peer does not require keys; set it on the Peer")
+        check_server_peer(peer, token, require_keys)
         self.db = db
         self.peer = peer or Peer(db, token=token, require_keys=require_keys)
         self.tls = ssl is not None
