@@ -165,7 +165,7 @@ async def test_transactions_of_concurrent_tasks_take_turns(open_adb):
         async def next_topic() -> None:
             async with adb.transaction() as tx:
                 count = await tx.scalar("SELECT count(*) FROM topics")
-                await asyncio.sleep(0)  # let the other tasks run while this transaction is open
+                await asyncio.sleep(0)  # sleep-ok: yields to the other tasks while this transaction is open
                 await tx.execute("INSERT INTO topics (id, workflow_id, name) VALUES (?, 'wf', ?)",
                                  (f"t{count}", f"n{count}"))
 
@@ -530,7 +530,7 @@ async def lag_during(work: Awaitable[sync.SyncResult]) -> tuple[sync.SyncResult,
     async def ticker() -> None:
         last = time.perf_counter()
         while not done.is_set():
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # sleep-ok: the ticker that measures event-loop lag
             now = time.perf_counter()
             lags.append(now - last - 0.001)
             last = now
