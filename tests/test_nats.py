@@ -8,6 +8,7 @@ machine without it. Waits poll conditions read from the replicas' own bookkeepin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -222,10 +223,8 @@ class TcpProxy:
             sockets, self._sockets = self._sockets, []
         for sock in [listener, *sockets]:
             if sock is not None:
-                try:
+                with contextlib.suppress(OSError):  # already disconnected
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 sock.close()
 
     def close(self) -> None:
@@ -257,13 +256,11 @@ class TcpProxy:
                     time.sleep(self.delay)  # sleep-ok: simulating a slow link
                 sink.sendall(data)
         except OSError:
-            pass
+            return  # the proxy was cut: the link is gone, which is the point
         finally:
             for sock in (source, sink):
-                try:
+                with contextlib.suppress(OSError):  # already disconnected
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 # -- the building block --------------------------------------------------------------------
@@ -755,8 +752,7 @@ def test_pages_fit_the_servers_max_payload_and_an_oversized_change_is_refused(tm
 
 def test_cli_replicates_until_interrupted(server, tmp_path, open_db, start):
     path = tmp_path / "cli.db"
-    with Database.open(path):
-        pass
+    Database.open(path).close()  # an initialized replica file
     inproc = open_db("inproc")
     start(inproc, server)
     process = subprocess.Popen(
@@ -791,8 +787,7 @@ def test_cli_replicates_until_interrupted(server, tmp_path, open_db, start):
 ])
 def test_cli_bootstrap_options_are_checked_before_connecting(capsys, tmp_path, extra, message):
     path = tmp_path / "app.db"
-    with Database.open(path):
-        pass
+    Database.open(path).close()  # an initialized replica file
     code = main(["nats", str(path), "--server", "nats://127.0.0.1:1", *extra])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("crdt-sync: error: ") and message in err, err
@@ -800,8 +795,7 @@ def test_cli_bootstrap_options_are_checked_before_connecting(capsys, tmp_path, e
 
 def test_cli_refuses_a_name_that_cannot_name_a_stream(capsys, tmp_path):
     path = tmp_path / "my app.db"
-    with Database.open(path):
-        pass
+    Database.open(path).close()  # an initialized replica file
     code = main(["nats", str(path), "--server", "nats://127.0.0.1:1"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("crdt-sync: error: database name 'my app'") and "--name" in err
